@@ -1,0 +1,252 @@
+"""Code generation: compiling a replacement as if it had been written in the target's file.
+
+A replacement written at the top level of a patch file differs from the function it
+replaces in three ways that matter to CPython:
+
+* *free variables* — a method using zero-argument ``super()`` has a ``__class__`` cell; a
+  nested function closes over its parent's locals. ``func.__code__ = new`` is refused
+  unless the new code has exactly the target's free variables, and the live cells must be
+  kept (the ``__class__`` cell must stay bound to the live class);
+* *private-name mangling* — ``self.__x`` inside ``class Cart`` means ``self._Cart__x``;
+* *future flags* — ``from __future__ import annotations`` in the target module.
+
+So every replacement is recompiled from its source inside a synthetic context that
+reproduces those three things — an enclosing function defining the target's free variable
+names and, for methods, a class of the target's class name — and the code object of the
+function is taken from the compiled constants (nothing is executed). When the new body no
+longer uses a free variable the old one had, a dead ``if 0: (name,)`` keeps the name free,
+so the cell layout still matches.
+
+The same context compiles ``expect=`` source for fingerprint checks.
+"""
+
+from __future__ import annotations
+import __future__
+
+import ast
+import copy
+import linecache
+from dataclasses import dataclass
+from types import CodeType, FunctionType
+from typing import Any
+
+from livepatch.errors import PatchError, UnsafeChange
+
+_CONTEXT_NAME = "__livepatch_context__"
+_FUTURE_MASK = 0
+for _feature in __future__.all_feature_names:
+    _FUTURE_MASK |= getattr(__future__, _feature).compiler_flag
+
+FunctionNode = ast.FunctionDef | ast.AsyncFunctionDef
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a function's code depends on besides its own source."""
+
+    qualname: str  # the target's qualified name; the new code gets it too
+    freevars: tuple[str, ...]  # the target's co_freevars
+    class_name: str | None  # innermost enclosing class, for private-name mangling
+    flags: int  # __future__ flags of the target's module
+
+    @classmethod
+    def of(cls, code: CodeType, qualname: str) -> Context:
+        return cls(
+            qualname=qualname,
+            freevars=code.co_freevars,
+            class_name=enclosing_class(qualname),
+            flags=code.co_flags & _FUTURE_MASK,
+        )
+
+
+def enclosing_class(qualname: str) -> str | None:
+    """The innermost class in a qualified name: ``A.m.<locals>.f`` → ``A``."""
+    parts = qualname.split(".")
+    found = None
+    for i, part in enumerate(parts[:-1]):
+        if part != "<locals>" and parts[i + 1] != "<locals>":
+            found = part
+    return found
+
+
+def compile_function(node: FunctionNode, ctx: Context, filename: str) -> CodeType:
+    """Compile a ``def`` node in `ctx`; the result can be assigned to the target's __code__."""
+    code = _compile(node, ctx, filename, pad=())
+    if code.co_freevars != ctx.freevars:
+        extra = sorted(set(code.co_freevars) - set(ctx.freevars))
+        if extra:
+            raise UnsafeChange(_free_variable_message(ctx, extra))
+        missing = tuple(n for n in ctx.freevars if n not in code.co_freevars)
+        code = _compile(node, ctx, filename, pad=missing)
+        if code.co_freevars != ctx.freevars:
+            raise UnsafeChange(
+                f"{ctx.qualname}: free variables {code.co_freevars} cannot be made to match "
+                f"the live function's {ctx.freevars}; use livepatch upgrade for this change"
+            )
+    return code
+
+
+def _free_variable_message(ctx: Context, extra: list[str]) -> str:
+    if extra == ["__class__"]:
+        return (
+            f"{ctx.qualname}: the use of super() or __class__ entails the __class__ free "
+            "variable, and the live function has no __class__ cell; call "
+            "super(Class, self) explicitly"
+        )
+    names = ", ".join(extra)
+    return (
+        f"{ctx.qualname}: the new code closes over {names}, which the live function does "
+        f"not (its free variables are {list(ctx.freevars)}); free variables cannot be "
+        "added to a live closure — keep the same free-variable names or use livepatch upgrade"
+    )
+
+
+def compile_plain(node: FunctionNode, ctx: Context, filename: str) -> CodeType:
+    """Compile a ``def`` node in `ctx` as written (no free-variable padding): for expect=."""
+    return _compile(node, ctx, filename, pad=())
+
+
+def _compile(node: FunctionNode, ctx: Context, filename: str, pad: tuple[str, ...]) -> CodeType:
+    func = copy.deepcopy(node)
+    func.decorator_list = []
+    line = func.lineno
+    if pad:
+        # keep otherwise-unused free variables free: the symbol table sees this dead
+        # reference even though the compiler emits no code for it
+        keep = ast.If(
+            test=ast.Constant(0),
+            body=[ast.Expr(ast.Tuple([ast.Name(n, ast.Load()) for n in pad], ast.Load()))],
+            orelse=[],
+        )
+        at = 1 if _has_docstring(func) else 0
+        func.body.insert(at, keep)
+    inner: ast.stmt = func
+    if ctx.class_name:
+        inner = ast.ClassDef(
+            name=ctx.class_name,
+            bases=[],
+            keywords=[],
+            body=[func],
+            decorator_list=[],
+            **_type_params(),
+        )
+    cells = [n for n in ctx.freevars if not (ctx.class_name and n == "__class__")]
+    body: list[ast.stmt] = [
+        ast.Assign(targets=[ast.Name(n, ast.Store())], value=ast.Constant(None)) for n in cells
+    ]
+    body.append(inner)
+    outer = ast.FunctionDef(
+        name=_CONTEXT_NAME,
+        args=ast.arguments(
+            posonlyargs=[], args=[], vararg=None, kwonlyargs=[], kw_defaults=[], kwarg=None,
+            defaults=[],
+        ),
+        body=body,
+        decorator_list=[],
+        returns=None,
+        **_type_params(),
+    )
+    module = ast.Module(body=[outer], type_ignores=[])
+    _locate(module, line)
+    try:
+        top = compile(module, filename, "exec", flags=ctx.flags, dont_inherit=True)
+    except SyntaxError as exc:
+        raise PatchError(
+            f"{ctx.qualname}: the replacement does not compile in the target's context "
+            f"({exc.msg}, {filename}:{exc.lineno}); fix the patch source"
+        ) from None
+    found = _find_code(top, func.name, _CONTEXT_NAME)
+    if found is None:  # pragma: no cover - the def is always compiled
+        raise PatchError(f"{ctx.qualname}: internal error: compiled code not found")
+    return _requalify(found, found.co_qualname, ctx.qualname)
+
+
+def _type_params() -> dict[str, Any]:
+    # 3.12 added type_params to FunctionDef/ClassDef; 3.13 warns when it is missing
+    return {"type_params": []} if "type_params" in ast.FunctionDef._fields else {}
+
+
+def _has_docstring(func: FunctionNode) -> bool:
+    first = func.body[0] if func.body else None
+    return (
+        isinstance(first, ast.Expr)
+        and isinstance(first.value, ast.Constant)
+        and isinstance(first.value.value, str)
+    )
+
+
+def _locate(tree: ast.AST, line: int) -> None:
+    """Give synthetic nodes the def's line so tracebacks stay on the patch file's lines."""
+    for node in ast.walk(tree):
+        if "lineno" in node._attributes and getattr(node, "lineno", None) is None:
+            node.lineno = line  # type: ignore[attr-defined]
+            node.end_lineno = line  # type: ignore[attr-defined]
+            node.col_offset = 0  # type: ignore[attr-defined]
+            node.end_col_offset = 0  # type: ignore[attr-defined]
+    ast.fix_missing_locations(tree)
+
+
+def _find_code(code: CodeType, name: str, context: str) -> CodeType | None:
+    for const in code.co_consts:
+        if isinstance(const, CodeType):
+            if const.co_name == name and const.co_qualname.startswith(context):
+                return const
+            found = _find_code(const, name, context)
+            if found is not None:
+                return found
+    return None
+
+
+def _requalify(code: CodeType, old: str, new: str) -> CodeType:
+    """Rename ``old``-prefixed qualnames (this code and nested ones) to ``new``."""
+    consts = tuple(
+        _requalify(c, old, new) if isinstance(c, CodeType) else c for c in code.co_consts
+    )
+    qualname = code.co_qualname
+    if qualname == old or qualname.startswith(old + "."):
+        qualname = new + qualname[len(old) :]
+    return code.replace(co_qualname=qualname, co_consts=consts)
+
+
+# -- finding source -------------------------------------------------------------------
+
+_parsed: dict[tuple[str, int], ast.Module] = {}
+
+
+def source_node(func: FunctionType) -> FunctionNode | None:
+    """The ``def`` node that created `func`, from its file (or linecache entry)."""
+    code = func.__code__
+    lines = linecache.getlines(code.co_filename, func.__globals__)
+    if not lines:
+        return None
+    text = "".join(lines)
+    key = (code.co_filename, hash(text))
+    tree = _parsed.get(key)
+    if tree is None:
+        try:
+            tree = ast.parse(text, code.co_filename)
+        except SyntaxError:
+            return None
+        _parsed[key] = tree
+    for node in ast.walk(tree):
+        if isinstance(node, FunctionNode) and node.name == code.co_name:
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            if first == code.co_firstlineno:
+                return node
+    return None
+
+
+def parse_def(source: str, what: str) -> FunctionNode:
+    """Parse source text holding exactly one (possibly decorated, indented) ``def``."""
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(source).strip("\n") + "\n", f"<{what}>")
+    except SyntaxError as exc:
+        raise PatchError(
+            f"{what}: expected source does not parse ({exc.msg}); fix expect="
+        ) from None
+    defs = [n for n in tree.body if isinstance(n, FunctionNode)]
+    if len(defs) != 1 or len(tree.body) != 1:
+        raise PatchError(f"{what}: expect= must hold the source of exactly one def")
+    return defs[0]

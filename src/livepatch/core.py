@@ -1,0 +1,731 @@
+"""Core: applying and reverting patches (kernel: livepatch/core.c).
+
+The control flow of DESIGN.md section 2, in two halves:
+
+* :func:`plan` resolves every target, verifies it is the code the patch was built against
+  and compiles every replacement in the target's context. It changes nothing, so any
+  refusal leaves the process exactly as it was.
+* :func:`apply` / :func:`revert` run the callbacks and hand the resulting changes to a
+  transition (``transition.begin``), which moves every task to the new code under the
+  chosen model and then calls back here to *finalize* (push the versions on their stacks
+  and install them), *complete* (post callbacks) or *unwind* (put everything back).
+
+One lock, :data:`LOCK`, guards the applied-patch list and the version stacks. It is held
+while a patch is planned and started and while a transition finalizes; never while a
+caller waits for a transition. Read-only views (:func:`patches`) take it briefly.
+"""
+
+from __future__ import annotations
+
+import linecache
+import logging
+import os
+import sys
+import threading
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from livepatch import codegen, locate, redirect, transition
+from livepatch.errors import (
+    AlreadyApplied,
+    CallbackFailed,
+    FingerprintMismatch,
+    NotApplied,
+    PatchError,
+    StateMismatch,
+    UnsafeChange,
+)
+from livepatch.fingerprint import fingerprint, is_fingerprint, same_code
+from livepatch.patch import FunctionSpec, NewSpec, Patch, load
+from livepatch.redirect import KEEP, Slot, Version
+from livepatch.transition import Change, Direction, Model, Transition
+
+log = logging.getLogger("livepatch.core")
+
+#: The one lock (kernel: klp_mutex). Re-entrant: a transition finalizing from the thread
+#: that started it takes it again.
+LOCK = threading.RLock()
+
+# co_flags bits that make a function a generator, coroutine or async generator
+_KIND_FLAGS = 0x20 | 0x80 | 0x100 | 0x200
+_KIND_NAMES = {0: "function", 0x20: "generator", 0x80: "coroutine", 0x200: "async generator",
+               0x100: "iterable coroutine", 0x120: "iterable coroutine"}
+
+
+# -- the applied-patch list -----------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Added:
+    """A name a patch added to a module or class (``patch.new``)."""
+
+    holder: Any
+    name: str
+    value: Any
+    target: str
+
+    def install(self) -> None:
+        setattr(self.holder, self.name, self.value)
+
+    def remove(self) -> None:
+        # only if it is still ours: the application may have rebound the name since
+        if self.holder.__dict__.get(self.name) is self.value:
+            delattr(self.holder, self.name)
+
+
+@dataclass(eq=False)
+class _Record:
+    patch: Patch
+    model: Model
+    slots: list[Slot]
+    added: list[_Added]
+    state: str = "transitioning"
+    applied_at: float = field(default_factory=time.time)
+    forced: bool = False
+    callback_errors: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AppliedPatch:
+    """A read-only view of one applied patch, for ``livepatch.patches()``."""
+
+    name: str
+    description: str
+    state: str  # "transitioning", "applied", "reverting"
+    functions: list[str]
+    added: list[str]
+    applied_at: float
+    forced: bool
+    cumulative: bool
+    model: str
+    sha256: str | None
+    source: str | None
+    states: dict[str, int]
+    callback_errors: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "state": self.state,
+            "functions": list(self.functions),
+            "added": list(self.added),
+            "applied_at": self.applied_at,
+            "forced": self.forced,
+            "cumulative": self.cumulative,
+            "model": self.model,
+            "sha256": self.sha256,
+            "source": self.source,
+            "states": dict(self.states),
+            "callback_errors": list(self.callback_errors),
+        }
+
+
+_applied: list[_Record] = []  # in apply order; guarded by LOCK
+
+
+def patches() -> list[AppliedPatch]:
+    """The applied patches, oldest first (including one in transition)."""
+    with LOCK:
+        return [_view(r) for r in _applied]
+
+
+def _view(r: _Record) -> AppliedPatch:
+    return AppliedPatch(
+        name=r.patch.name,
+        description=r.patch.description,
+        state=r.state,
+        functions=[s.key for s in r.slots],
+        added=[a.target for a in r.added],
+        applied_at=r.applied_at,
+        forced=r.forced,
+        cumulative=r.patch.cumulative,
+        model=r.model.value,
+        sha256=r.patch.sha256,
+        source=r.patch.source_path,
+        states=dict(r.patch.states),
+        callback_errors=list(r.callback_errors),
+    )
+
+
+def _find(name: str) -> _Record | None:
+    return next((r for r in _applied if r.patch.name == name), None)
+
+
+# -- planning: resolve, verify, compile ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedChange:
+    """What applying would do to one function."""
+
+    target: str
+    verified: bool
+    note: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "verified": self.verified, "note": self.note}
+
+
+@dataclass(eq=False)
+class _Prepared:
+    spec: FunctionSpec
+    slot: Slot
+    version: Version
+
+
+@dataclass(eq=False)
+class Plan:
+    """The result of verifying a patch against this process; nothing was changed."""
+
+    patch: Patch
+    changes: list[PlannedChange]
+    notes: list[str]
+    prepared: list[_Prepared] = field(repr=False, default_factory=list)
+    added: list[_Added] = field(repr=False, default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "patch": self.patch.name,
+            "changes": [c.to_dict() for c in self.changes],
+            "notes": list(self.notes),
+        }
+
+
+def plan(patch: Patch) -> Plan:
+    """Resolve and verify every target of `patch`; change nothing. Raises PatchError."""
+    with LOCK:
+        return _plan(patch)
+
+
+def _plan(patch: Patch) -> Plan:
+    if _find(patch.name) is not None:
+        raise AlreadyApplied(f"{patch.name} is applied already; revert it first or rename")
+    result = Plan(patch, [], [])
+    seen: dict[Any, str] = {}
+    for spec in patch.functions:
+        prepared, change = _prepare(patch, spec)
+        ident = _ident(prepared.slot)
+        if ident in seen:
+            raise UnsafeChange(
+                f"{patch.name}: {spec.target} and {seen[ident]} are the same function; "
+                "replace it once"
+            )
+        seen[ident] = spec.target
+        result.prepared.append(prepared)
+        result.changes.append(change)
+    superseded = {r.patch.name for r in _applied} if patch.cumulative else set()
+    result.added = [_prepare_new(patch, spec, superseded) for spec in patch.news]
+    _check_states(patch)
+    if any(not c.verified for c in result.changes):
+        result.notes.append(
+            "some functions were not verified (no expect=): the patch trusts that the live "
+            "code is what it was written against"
+        )
+    return result
+
+
+def _ident(slot: Slot) -> Any:
+    return slot.ident
+
+
+def _prepare(patch: Patch, spec: FunctionSpec) -> tuple[_Prepared, PlannedChange]:
+    target = locate.resolve(spec.target)
+    slot = _slot_for(target)
+    original = slot.original.code
+    live = slot.effective().code
+    ctx = codegen.Context.of(original, target.qualname)
+
+    stray = [n for n in spec.replacement.__code__.co_freevars if n not in ctx.freevars]
+    if stray:
+        raise UnsafeChange(
+            f"{spec.target}: the replacement closes over {', '.join(stray)} from where it was "
+            "written, but replacements run with the target module's globals; make it a "
+            "top-level def in the patch file and bring values in with patch.new"
+        )
+    node = codegen.source_node(spec.replacement)
+    filename = _display_filename(patch, spec.replacement.__code__.co_filename)
+    if node is None:
+        if spec.replacement.__code__.co_freevars != ctx.freevars or ctx.class_name:
+            raise UnsafeChange(
+                f"{spec.target}: the source of the replacement is not available, so it cannot "
+                "be compiled in the target's context; load the patch from a file"
+            )
+        code = spec.replacement.__code__.replace(co_qualname=target.qualname)
+    else:
+        _refuse_extra_decorators(spec, node)
+        code = codegen.compile_function(node, ctx, filename)
+
+    old_kind = original.co_flags & _KIND_FLAGS
+    new_kind = code.co_flags & _KIND_FLAGS
+    if old_kind != new_kind:
+        raise UnsafeChange(
+            f"{spec.target}: the replacement is a {_KIND_NAMES.get(new_kind, 'function')} but "
+            f"the live function is a {_KIND_NAMES.get(old_kind, 'function')}; live callers "
+            "depend on the kind — keep it, or use livepatch upgrade"
+        )
+    if target.nested:
+        version = Version(code, KEEP, KEEP, patch.name)
+    else:
+        kwdefaults = spec.replacement.__kwdefaults__
+        version = Version(code, spec.replacement.__defaults__, kwdefaults, patch.name)
+
+    verified, note = _verify(spec, target, ctx, live, original)
+    if _signature(code) != _signature(live):
+        note += "; the signature changed: callers that bind arguments the old way may break"
+    return _Prepared(spec, slot, version), PlannedChange(spec.target, verified, note)
+
+
+def _slot_for(target: locate.Target) -> Slot:
+    existing = redirect.slot_for(target.ident)
+    if existing is not None:
+        if target.nested:
+            existing.funcs = locate.instances_of(*existing.known_codes())
+        return existing
+    if target.nested:
+        original = Version(target.code, KEEP, KEEP, None)
+    else:
+        original = Version.of(target.funcs[0])
+    return Slot(
+        key=target.key,
+        ident=target.ident,
+        funcs=list(target.funcs),
+        original=original,
+        outers=list(target.outers),
+        after_install=list(target.after_install),
+        nested=target.nested,
+    )
+
+
+def _display_filename(patch: Patch, filename: str) -> str:
+    """Where tracebacks through the new code point: the patch's file, named by the patch."""
+    display = f"{filename} [livepatch {patch.name}]"
+    if display not in linecache.cache:
+        lines = linecache.getlines(filename)
+        if lines:
+            linecache.cache[display] = (sum(map(len, lines)), None, lines, display)
+    return display
+
+
+def _refuse_extra_decorators(spec: FunctionSpec, node: codegen.FunctionNode) -> None:
+    extra = [d for d in node.decorator_list if not _is_patch_decorator(d)]
+    if extra:
+        raise UnsafeChange(
+            f"{spec.target}: the replacement has decorators besides @patch.function; the "
+            "live function's decorators keep running, so remove them from the replacement"
+        )
+
+
+def _is_patch_decorator(node: Any) -> bool:
+    import ast
+
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "function"
+    )
+
+
+def _signature(code: types.CodeType) -> tuple[Any, ...]:
+    nargs = code.co_argcount + code.co_kwonlyargcount
+    return (
+        code.co_posonlyargcount,
+        code.co_argcount,
+        code.co_kwonlyargcount,
+        code.co_varnames[:nargs],
+        code.co_flags & 0x0C,  # *args, **kwargs
+    )
+
+
+def _verify(
+    spec: FunctionSpec,
+    target: locate.Target,
+    ctx: codegen.Context,
+    live: types.CodeType,
+    original: types.CodeType,
+) -> tuple[bool, str]:
+    expect = spec.expect
+    if expect is None:
+        return False, "not verified: the patch gives no expect="
+    candidates = [live] if live is original else [live, original]
+    if is_fingerprint(expect.strip()):
+        if any(fingerprint(c) == expect.strip() for c in candidates):
+            return True, "verified by fingerprint"
+        raise FingerprintMismatch(
+            f"{spec.target}: live code fingerprint {fingerprint(live)} is not the expected "
+            f"{expect.strip()}; rebuild the patch from the source this process runs"
+        )
+    node = codegen.parse_def(expect, f"expect of {spec.target}")
+    if node.name != original.co_name:
+        raise FingerprintMismatch(
+            f"{spec.target}: expect= is the source of {node.name!r}, but the live function "
+            f"is {original.co_name!r}; rebuild the patch"
+        )
+    try:
+        expected = codegen.compile_plain(node, ctx, f"<expect of {spec.target}>")
+    except PatchError as exc:
+        raise FingerprintMismatch(f"{spec.target}: expect= does not compile: {exc}") from None
+    if any(same_code(expected, c) for c in candidates):
+        return True, "verified against expected source"
+    raise FingerprintMismatch(
+        f"{spec.target}: the live code is not the code this patch was built against "
+        "(expect= differs); rebuild the patch from the source this process runs"
+    )
+
+
+def _prepare_new(patch: Patch, spec: NewSpec, superseded: set[str]) -> _Added:
+    holder, name = locate.resolve_holder(spec.target)
+    if name in holder.__dict__ and not _owned_by(holder, name, superseded):
+        raise UnsafeChange(
+            f"{spec.target} exists already; use patch.function to replace a function, or "
+            "choose a new name"
+        )
+    value = spec.value
+    if isinstance(value, types.FunctionType):
+        value = _rebuild_helper(patch, spec, holder, name)
+    return _Added(holder, name, value, spec.target)
+
+
+def _owned_by(holder: Any, name: str, patch_names: set[str]) -> bool:
+    return any(
+        a.holder is holder and a.name == name
+        for r in _applied
+        if r.patch.name in patch_names
+        for a in r.added
+    )
+
+
+def _rebuild_helper(patch: Patch, spec: NewSpec, holder: Any, name: str) -> types.FunctionType:
+    """A helper runs with the target module's globals, like the replacements that call it."""
+    fn: types.FunctionType = spec.value
+    if fn.__code__.co_freevars:
+        raise UnsafeChange(
+            f"{spec.target}: the new helper closes over {', '.join(fn.__code__.co_freevars)}; "
+            "helpers run with the target module's globals — make it a top-level def"
+        )
+    module = holder if isinstance(holder, types.ModuleType) else sys.modules[holder.__module__]
+    qualname = name if isinstance(holder, types.ModuleType) else f"{holder.__qualname__}.{name}"
+    ctx = codegen.Context(qualname=qualname, freevars=(), class_name=None, flags=0)
+    if not isinstance(holder, types.ModuleType):
+        ctx = codegen.Context(qualname, (), holder.__name__, 0)
+    node = codegen.source_node(fn)
+    if node is not None:
+        _refuse_extra_decorators(FunctionSpec(spec.target, fn, None), _strip_new(node))
+        node = _strip_new(node)
+        filename = _display_filename(patch, fn.__code__.co_filename)
+        code = codegen.compile_function(node, ctx, filename)
+    else:
+        code = fn.__code__
+    new = types.FunctionType(code, module.__dict__, name, fn.__defaults__, None)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__qualname__ = qualname
+    new.__module__ = module.__name__
+    new.__doc__ = fn.__doc__
+    return new
+
+
+def _strip_new(node: codegen.FunctionNode) -> codegen.FunctionNode:
+    import ast
+    import copy
+
+    node = copy.copy(node)
+    node.decorator_list = [
+        d
+        for d in node.decorator_list
+        if not (
+            isinstance(d, ast.Call)
+            and isinstance(d.func, ast.Attribute)
+            and d.func.attr == "new"
+        )
+    ]
+    return node
+
+
+def _check_states(patch: Patch) -> None:
+    """The kernel's klp_is_patch_compatible: states may only be carried on or upgraded."""
+    for record in _applied:
+        for state_id, old_version in record.patch.states.items():
+            new_version = patch.states.get(state_id)
+            if new_version is None:
+                if patch.cumulative:
+                    raise StateMismatch(
+                        f"{patch.name} is cumulative but drops state {state_id!r} "
+                        f"(version {old_version}) of {record.patch.name}; carry it with "
+                        f"patch.state({state_id!r}, version={old_version})"
+                    )
+                continue
+            if new_version < old_version:
+                raise StateMismatch(
+                    f"{patch.name} has state {state_id!r} version {new_version}, older than "
+                    f"version {old_version} of {record.patch.name}; a patch cannot downgrade "
+                    "a state — raise its version"
+                )
+
+
+# -- apply ----------------------------------------------------------------------------
+
+
+def apply(
+    patch: Patch | str | os.PathLike[str],
+    model: str = "hybrid",
+    timeout: float = 30.0,
+    force: bool = False,
+    wait: bool = True,
+) -> Transition:
+    """Apply `patch` (a Patch or a patch file path) under `model`; see DESIGN.md §2."""
+    if not isinstance(patch, Patch):
+        patch = load(patch)
+    chosen = Model.parse(model)
+    with LOCK:
+        try:
+            t = _start_apply(patch, chosen, timeout, force)
+        except PatchError as exc:
+            _refused(patch, "apply", exc)
+            raise
+    if wait:
+        t.wait()
+    return t
+
+
+def _start_apply(patch: Patch, model: Model, timeout: float, force: bool) -> Transition:
+    _refuse_if_busy(patch.name)
+    the_plan = _plan(patch)
+    log.info("livepatch: %s: verified %d function(s)", patch.name, len(the_plan.prepared))
+    _run_callbacks(patch, "pre_patch", veto=True)
+    superseded = [r for r in _applied] if patch.cumulative else []
+    changes = _apply_changes(the_plan, superseded)
+    record = _Record(patch, model, [p.slot for p in the_plan.prepared], the_plan.added)
+    installed: list[_Added] = []
+    try:
+        for added in the_plan.added:
+            added.install()
+            installed.append(added)
+    except BaseException as exc:
+        for added in reversed(installed):
+            added.remove()
+        _run_callbacks(patch, "post_unpatch", veto=False)
+        raise PatchError(f"{patch.name}: could not add {added.target}: {exc}") from None
+    _applied.append(record)
+    hooks = _ApplyHooks(record, the_plan, superseded)
+    sys.audit("livepatch.apply", patch.name, patch.sha256, model.value)
+    log.info("livepatch: %s: starting patch transition (%s)", patch.name, model.value)
+    try:
+        return transition.begin(
+            changes,
+            patch=patch.name,
+            model=model,
+            direction=Direction.PATCH,
+            hooks=hooks,
+            timeout=timeout,
+            force=force,
+        )
+    except BaseException:
+        if record in _applied:
+            hooks.unwind(None, None)
+        raise
+
+
+def _refuse_if_busy(name: str) -> None:
+    current = transition.transition()
+    if current is not None and not current.done:
+        from livepatch.errors import TransitionBusy
+
+        raise TransitionBusy(
+            f"transition of {current.patch} is in flight; wait for it or revert it first "
+            f"(requested: {name})"
+        )
+
+
+def _apply_changes(the_plan: Plan, superseded: list[_Record]) -> list[Change]:
+    changes = [Change(p.slot, p.slot.effective(), p.version) for p in the_plan.prepared]
+    if superseded:
+        # atomic replace: functions the cumulative patch does not name go back to original
+        named = {id(p.slot) for p in the_plan.prepared}
+        for slot in _slots_of(superseded):
+            if id(slot) not in named and slot.stack:
+                changes.append(Change(slot, slot.effective(), slot.original))
+    return changes
+
+
+def _slots_of(records: list[_Record]) -> list[Slot]:
+    seen: dict[int, Slot] = {}
+    for record in records:
+        for slot in record.slots:
+            seen.setdefault(id(slot), slot)
+    return list(seen.values())
+
+
+class _ApplyHooks:
+    """Finalize/complete/unwind for a patch transition."""
+
+    def __init__(self, record: _Record, the_plan: Plan, superseded: list[_Record]) -> None:
+        self.record = record
+        self.plan = the_plan
+        self.superseded = superseded
+
+    def finalize(self, t: Transition | None) -> None:
+        with LOCK:
+            touched = _slots_of(self.superseded)
+            before = {id(s): list(s.stack) for s in touched + self.record.slots}
+            try:
+                for slot in touched:
+                    slot.stack = [v for v in slot.stack if v.patch not in self._gone()]
+                for p in self.plan.prepared:
+                    p.slot.stack.append(p.version)
+                    redirect.register(p.slot)
+                for slot in _unique(touched + self.record.slots):
+                    slot.install(slot.effective())
+            except BaseException as exc:
+                for slot in _unique(touched + self.record.slots):
+                    slot.stack = before[id(slot)]
+                    slot.install(slot.effective())
+                raise PatchError(f"{self.record.patch.name}: install failed: {exc}") from exc
+            for slot in touched:
+                redirect.discard_if_idle(slot)
+            for old in self.superseded:
+                for added in old.added:
+                    if not any(a.holder is added.holder and a.name == added.name
+                               for a in self.record.added):
+                        added.remove()
+                if old in _applied:
+                    _applied.remove(old)
+            self.record.state = "applied"
+            self.record.forced = bool(t is not None and t.forced)
+
+    def _gone(self) -> set[str]:
+        return {r.patch.name for r in self.superseded}
+
+    def complete(self, t: Transition | None) -> None:
+        name = self.record.patch.name
+        log.info("livepatch: %s: patch transition completed", name)
+        errors = _run_callbacks(self.record.patch, "post_patch", veto=False)
+        with LOCK:
+            self.record.callback_errors.extend(errors)
+
+    def unwind(self, t: Transition | None, error: PatchError | None) -> None:
+        with LOCK:
+            for slot in self.record.slots + _slots_of(self.superseded):
+                slot.install(slot.effective())
+                redirect.discard_if_idle(slot)
+            for added in reversed(self.record.added):
+                added.remove()
+            if self.record in _applied:
+                _applied.remove(self.record)
+        log.info("livepatch: %s: patch transition reversed", self.record.patch.name)
+        _run_callbacks(self.record.patch, "post_unpatch", veto=False)
+
+
+def _unique(slots: list[Slot]) -> list[Slot]:
+    return list({id(s): s for s in slots}.values())
+
+
+# -- revert ---------------------------------------------------------------------------
+
+
+def revert(
+    name: str | Patch,
+    model: str = "hybrid",
+    timeout: float = 30.0,
+    force: bool = False,
+    wait: bool = True,
+) -> Transition:
+    """Revert the applied patch `name`, moving every task back under `model`."""
+    if isinstance(name, Patch):
+        name = name.name
+    chosen = Model.parse(model)
+    with LOCK:
+        record = _find(name)
+        if record is None:
+            applied = ", ".join(r.patch.name for r in _applied) or "none"
+            raise NotApplied(f"{name} is not applied (applied: {applied}); see livepatch status")
+        current = transition.transition()
+        if current is not None and not current.done and current.patch == name:
+            reverse = getattr(transition, "reverse", None)
+            if reverse is None:  # pragma: no cover - models without reversal
+                raise PatchError(f"{name} is in transition; wait for it to finish")
+            t: Transition = reverse(current)
+        else:
+            _refuse_if_busy(name)
+            try:
+                _run_callbacks(record.patch, "pre_unpatch", veto=True)
+            except PatchError as exc:
+                _refused(record.patch, "revert", exc)
+                raise
+            changes = []
+            for slot in record.slots:
+                top = slot.effective()
+                if top.patch == name:
+                    below = slot.stack[-2] if len(slot.stack) > 1 else slot.original
+                    changes.append(Change(slot, top, below))
+            record.state = "reverting"
+            sys.audit("livepatch.revert", name, record.patch.sha256, chosen.value)
+            log.info("livepatch: %s: starting unpatch transition (%s)", name, chosen.value)
+            t = transition.begin(
+                changes,
+                patch=name,
+                model=chosen,
+                direction=Direction.UNPATCH,
+                hooks=_RevertHooks(record),
+                timeout=timeout,
+                force=force,
+            )
+    if wait:
+        t.wait()
+    return t
+
+
+class _RevertHooks:
+    def __init__(self, record: _Record) -> None:
+        self.record = record
+
+    def finalize(self, t: Transition | None) -> None:
+        name = self.record.patch.name
+        with LOCK:
+            for slot in self.record.slots:
+                slot.stack = [v for v in slot.stack if v.patch != name]
+                slot.install(slot.effective())
+                redirect.discard_if_idle(slot)
+            for added in reversed(self.record.added):
+                added.remove()
+            if self.record in _applied:
+                _applied.remove(self.record)
+
+    def complete(self, t: Transition | None) -> None:
+        log.info("livepatch: %s: unpatch transition completed", self.record.patch.name)
+        _run_callbacks(self.record.patch, "post_unpatch", veto=False)
+
+    def unwind(self, t: Transition | None, error: PatchError | None) -> None:
+        with LOCK:
+            for slot in self.record.slots:
+                slot.install(slot.effective())
+            self.record.state = "applied"
+        log.info("livepatch: %s: unpatch transition reversed", self.record.patch.name)
+
+
+# -- callbacks and refusals -----------------------------------------------------------
+
+
+def _run_callbacks(patch: Patch, kind: str, *, veto: bool) -> list[str]:
+    errors: list[str] = []
+    callbacks: list[Callable[[], Any]] = getattr(patch.callbacks, kind)
+    for fn in callbacks:
+        try:
+            fn()
+        except Exception as exc:
+            what = getattr(fn, "__qualname__", repr(fn))
+            if veto:
+                raise CallbackFailed(
+                    f"{patch.name}: {kind} callback {what} vetoed: {type(exc).__name__}: {exc}"
+                ) from exc
+            message = f"{kind} callback {what} failed: {type(exc).__name__}: {exc}"
+            log.error("livepatch: %s: %s", patch.name, message)
+            errors.append(message)
+    return errors
+
+
+def _refused(patch: Patch, action: str, exc: PatchError) -> None:
+    log.warning("livepatch: %s: %s refused: %s", patch.name, action, exc)
+    sys.audit("livepatch.refused", patch.name, action, exc.code, str(exc))

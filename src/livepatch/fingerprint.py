@@ -1,0 +1,70 @@
+"""Fingerprints: proving that the live code is the code a patch was built against.
+
+kpatch refuses to patch a kernel whose function bytes differ from the ones it was built
+for. Our equivalent compares *normalised code objects*: bytecode, constants (recursively),
+names, variables, free and cell variables, argument counts and the flags that change
+behaviour — everything except line numbers, file names and qualified names, so a body that
+only moved (kpatch's ``__LINE__`` rule) still matches.
+
+A fingerprint is ``"sha256:<hex>"`` of that normal form. ``expect=`` in a patch holds
+either the old *source* of the function (compiled in the target's context, then compared)
+or a fingerprint string.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from types import CodeType, FunctionType
+from typing import Any
+
+# CO_NESTED says "compiled inside another function": true of our re-compilations in a
+# synthetic context, meaningless for behaviour.
+_CO_NESTED = 0x10
+_PREFIX = "sha256:"
+
+
+def normal_form(code: CodeType) -> tuple[Any, ...]:
+    """Everything about `code` that decides what it does, nothing about where it was written."""
+    return (
+        code.co_name,
+        code.co_argcount,
+        code.co_posonlyargcount,
+        code.co_kwonlyargcount,
+        code.co_flags & ~_CO_NESTED,
+        code.co_code,
+        tuple(_normal_const(c) for c in code.co_consts),
+        code.co_names,
+        code.co_varnames,
+        code.co_freevars,
+        code.co_cellvars,
+        code.co_exceptiontable,
+    )
+
+
+def _normal_const(const: Any) -> Any:
+    if isinstance(const, CodeType):
+        return ("code", normal_form(const))
+    if isinstance(const, (tuple, frozenset)):
+        items = [_normal_const(c) for c in const]
+        if isinstance(const, frozenset):
+            items.sort(key=repr)
+        return (type(const).__name__, tuple(items))
+    # type name too: 1 == 1.0 == True, but they compile to different programs
+    return (type(const).__name__, repr(const))
+
+
+def fingerprint(obj: FunctionType | CodeType) -> str:
+    """``"sha256:..."`` of a function's (or code object's) normal form."""
+    code = obj.__code__ if isinstance(obj, FunctionType) else obj
+    if not isinstance(code, CodeType):
+        raise TypeError(f"fingerprint() needs a Python function or code object, not {obj!r}")
+    digest = hashlib.sha256(repr(normal_form(code)).encode()).hexdigest()
+    return _PREFIX + digest
+
+
+def is_fingerprint(text: str) -> bool:
+    return text.startswith(_PREFIX) and len(text) == len(_PREFIX) + 64
+
+
+def same_code(a: CodeType, b: CodeType) -> bool:
+    return normal_form(a) == normal_form(b)

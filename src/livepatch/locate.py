@@ -1,0 +1,269 @@
+"""Locating targets: ``package.module:Qualified.name`` → the live function object.
+
+The name is the one a developer reads in the source: ``shop.cart:Cart.add``. What must be
+patched is the function object whose code runs, which may sit behind a descriptor or a
+decorator:
+
+* ``staticmethod``/``classmethod`` → ``__func__``; a bound method → ``__func__``;
+* ``property`` → ``fget``, or ``Class.prop.fset`` / ``.fdel`` by name;
+* ``functools.cached_property`` → ``func``;
+* ``functools.lru_cache`` → ``__wrapped__``, and the cache is cleared after each install;
+* decorators: follow ``__wrapped__`` (``functools.wraps``) and, failing that, the
+  wrapper's closure cells, until a function with the target's qualified name appears
+  (the decorator itself keeps running);
+* ``outer.<locals>.inner``: every closure instance made so far, found through the code
+  object they share, plus ``outer``'s code constant so later instances get the new code.
+
+Only modules already imported are searched: livepatch patches code that is loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import inspect
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import CodeType, FunctionType, MethodType, ModuleType
+from typing import Any
+
+from livepatch.errors import TargetNotFound, UnsafeChange
+
+_LOCALS = "<locals>"
+
+
+@dataclass
+class Target:
+    """A resolved patch target."""
+
+    key: str
+    module: ModuleType
+    qualname: str
+    #: live function objects that run this code (one, or each nested closure instance)
+    funcs: list[FunctionType]
+    #: the code every instance runs (for nested targets, also the code constant)
+    code: CodeType
+    #: stable identity for the slot registry
+    ident: Any
+    outers: list[FunctionType] = field(default_factory=list)
+    after_install: list[Callable[[], None]] = field(default_factory=list)
+    nested: bool = False
+
+
+def split_key(key: str) -> tuple[str, str]:
+    module, sep, qualname = key.partition(":")
+    if not sep or not module or not qualname or " " in key:
+        raise TargetNotFound(
+            f"{key!r} is not a target name: write 'package.module:Qualified.name'"
+        )
+    return module, qualname
+
+
+def find_module(name: str, key: str) -> ModuleType:
+    module = sys.modules.get(name)
+    if module is None:
+        raise TargetNotFound(
+            f"{key}: module {name!r} is not imported in this process; livepatch patches "
+            "loaded code only — check the module name"
+        )
+    return module
+
+
+def resolve(key: str) -> Target:
+    """Find the live function(s) behind `key`, or raise TargetNotFound / UnsafeChange."""
+    module_name, qualname = split_key(key)
+    module = find_module(module_name, key)
+    if module_name == "__main__":
+        _require_main_source(module, key)
+    if _LOCALS in qualname.split("."):
+        return _resolve_nested(key, module, qualname)
+    obj = _walk(key, module, qualname)
+    after: list[Callable[[], None]] = []
+    func = _unwrap(key, obj, qualname, after)
+    return Target(
+        key=key,
+        module=module,
+        qualname=qualname,
+        funcs=[func],
+        code=func.__code__,
+        ident=("func", id(func)),
+        after_install=after,
+    )
+
+
+def _require_main_source(module: ModuleType, key: str) -> None:
+    path = getattr(module, "__file__", None)
+    if not path or not os.path.exists(path):
+        raise TargetNotFound(
+            f"{key}: __main__ has no source file (run from -c or stdin), so its code cannot "
+            "be verified; move the code into an importable module"
+        )
+
+
+def _walk(key: str, module: ModuleType, qualname: str) -> Any:
+    obj: Any = module
+    for part in qualname.split("."):
+        if isinstance(obj, type):
+            if part in obj.__dict__:
+                obj = obj.__dict__[part]
+                continue
+            owner = next((c for c in obj.__mro__[1:] if part in c.__dict__), None)
+            if owner is not None:
+                raise TargetNotFound(
+                    f"{key}: {obj.__qualname__}.{part} is inherited from "
+                    f"{owner.__module__}:{owner.__qualname__}; name that class instead"
+                )
+        elif isinstance(obj, property) and part in ("fget", "fset", "fdel"):
+            obj = getattr(obj, part)
+            if obj is None:
+                raise TargetNotFound(f"{key}: the property has no {part}")
+            continue
+        elif isinstance(obj, ModuleType) and part in obj.__dict__:
+            obj = obj.__dict__[part]
+            continue
+        raise TargetNotFound(f"{key}: no {part!r} in {_describe(obj)}; check the name")
+    return obj
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, ModuleType):
+        return f"module {obj.__name__}"
+    return getattr(obj, "__qualname__", type(obj).__name__)
+
+
+def _unwrap(key: str, obj: Any, qualname: str, after: list[Callable[[], None]]) -> FunctionType:
+    want = qualname.split(".")[-1]
+    seen: set[int] = set()
+    while True:
+        if id(obj) in seen:
+            raise TargetNotFound(f"{key}: decorator chain loops back on itself")
+        seen.add(id(obj))
+        if isinstance(obj, (staticmethod, classmethod, MethodType)):
+            obj = obj.__func__
+        elif isinstance(obj, property):
+            if obj.fget is None:
+                raise TargetNotFound(f"{key}: the property has no getter")
+            obj = obj.fget
+        elif isinstance(obj, functools.cached_property):
+            obj = obj.func
+        elif isinstance(obj, functools.partial):
+            raise UnsafeChange(
+                f"{key} is a functools.partial; name the function it wraps instead"
+            )
+        elif isinstance(obj, FunctionType):
+            if obj.__code__.co_name == "<lambda>":
+                raise UnsafeChange(
+                    f"{key} is a lambda; lambdas cannot be targeted directly — patch the "
+                    "function that creates it, or turn it into a def"
+                )
+            if _matches(obj, qualname, want):
+                return obj
+            inner = _inner_function(obj, qualname, want)
+            if inner is None:
+                # e.g. `handler = make_handler()`: the object itself is the target
+                return obj
+            obj = inner
+        elif hasattr(obj, "__wrapped__") and hasattr(obj, "cache_clear"):
+            after.append(obj.cache_clear)  # lru_cache: stale results would hide the fix
+            obj = obj.__wrapped__
+        elif hasattr(obj, "__wrapped__"):
+            obj = obj.__wrapped__
+        elif callable(obj) and not inspect.isclass(obj):
+            raise UnsafeChange(
+                f"{key} is a C callable ({type(obj).__name__}); livepatch replaces Python "
+                "functions only — patch the Python function that calls it"
+            )
+        else:
+            raise TargetNotFound(f"{key} is a {type(obj).__name__}, not a function")
+
+
+def _matches(func: FunctionType, qualname: str, want: str) -> bool:
+    # the code's qualname, not the function's: functools.wraps copies __qualname__ onto
+    # the wrapper, but the wrapper's code still says where it was written
+    code = func.__code__
+    return code.co_qualname == qualname or (
+        code.co_name == want and _LOCALS not in code.co_qualname and
+        not hasattr(func, "__wrapped__")
+    )
+
+
+def _inner_function(func: FunctionType, qualname: str, want: str) -> Any:
+    """The decorated function inside a wrapper: __wrapped__ first, then closure cells."""
+    wrapped = getattr(func, "__wrapped__", None)
+    if wrapped is not None:
+        return wrapped
+    queue: list[tuple[FunctionType, int]] = [(func, 0)]
+    while queue:
+        current, depth = queue.pop(0)
+        for cell in current.__closure__ or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:  # empty cell
+                continue
+            candidate = value
+            if isinstance(candidate, (staticmethod, classmethod)):
+                candidate = candidate.__func__
+            if isinstance(candidate, FunctionType):
+                if _matches(candidate, qualname, want):
+                    return value
+                if depth < 3:
+                    queue.append((candidate, depth + 1))
+    return None
+
+
+def _resolve_nested(key: str, module: ModuleType, qualname: str) -> Target:
+    parts = qualname.split(".")
+    cut = parts.index(_LOCALS)
+    outer_key = f"{module.__name__}:{'.'.join(parts[:cut])}"
+    outer = resolve(outer_key).funcs[0]
+    code = _find_const(outer.__code__, qualname)
+    if code is None:
+        raise TargetNotFound(f"{key}: {outer_key} defines no {qualname!r}; check the name")
+    return Target(
+        key=key,
+        module=module,
+        qualname=qualname,
+        funcs=instances_of(code),
+        code=code,
+        ident=("nested", key),
+        outers=[outer],
+        nested=True,
+    )
+
+
+def _find_const(code: CodeType, qualname: str) -> CodeType | None:
+    for const in code.co_consts:
+        if isinstance(const, CodeType):
+            if const.co_qualname == qualname:
+                return const
+            found = _find_const(const, qualname)
+            if found is not None:
+                return found
+    return None
+
+
+def instances_of(*codes: CodeType) -> list[FunctionType]:
+    """Every live function object running one of `codes` (closure instances)."""
+    wanted = set(codes)
+    found = {
+        id(r): r
+        for r in gc.get_referrers(*codes)
+        if isinstance(r, FunctionType) and r.__code__ in wanted
+    }
+    return list(found.values())
+
+
+def resolve_holder(key: str) -> tuple[Any, str]:
+    """For ``patch.new``: the module or class that will hold a new name, and the name."""
+    module_name, qualname = split_key(key)
+    module = find_module(module_name, key)
+    *path, name = qualname.split(".")
+    holder: Any = module
+    if path:
+        holder = _walk(key, module, ".".join(path))
+        if not isinstance(holder, type):
+            raise TargetNotFound(f"{key}: {'.'.join(path)} is not a class; new names go on "
+                                 "modules and classes")
+    return holder, name

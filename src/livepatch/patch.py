@@ -1,0 +1,212 @@
+"""Patches: a named set of function replacements, new helpers, callbacks and states.
+
+A :class:`Patch` is what a patch file builds (kernel: ``struct klp_patch``). It only
+*describes* a change; nothing happens to the process until ``livepatch.apply``.
+
+A patch file is ordinary Python, executed in a fresh namespace, that creates exactly one
+``Patch``::
+
+    import livepatch
+    patch = livepatch.Patch("fix-1234", description="reject negative quantities")
+
+    @patch.function("shop.cart:Cart.add", expect='''def add(self, item, qty=1): ...''')
+    def add(self, item, qty=1):
+        if qty < 0:
+            raise ValueError("qty must be >= 0")
+        self.items[item] = self.items.get(item, 0) + qty
+
+Replacements run with the *target* module's globals, as if the target file had been
+edited; names the new code needs that the target lacks come in through ``patch.new``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import linecache
+import os
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from livepatch.errors import PatchFileError
+
+F = TypeVar("F", bound=Callable[..., Any])
+Callback = Callable[[], Any]
+_NO_VALUE: Any = object()
+
+
+@dataclass
+class FunctionSpec:
+    """One replacement: the target's name, the replacement function, what it expects."""
+
+    target: str
+    replacement: types.FunctionType
+    expect: str | None
+
+
+@dataclass
+class NewSpec:
+    """A name the patch adds to a module or class (a helper function or a value)."""
+
+    target: str
+    value: Any
+
+
+@dataclass
+class Callbacks:
+    pre_patch: list[Callback] = field(default_factory=list)
+    post_patch: list[Callback] = field(default_factory=list)
+    pre_unpatch: list[Callback] = field(default_factory=list)
+    post_unpatch: list[Callback] = field(default_factory=list)
+
+
+class Patch:
+    """A named set of function replacements plus callbacks and states."""
+
+    def __init__(self, name: str, description: str = "", *, cumulative: bool = False) -> None:
+        if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+            raise PatchFileError(f"patch name {name!r} must be a non-empty word, e.g. 'fix-1234'")
+        self.name = name
+        self.description = description
+        self.cumulative = cumulative
+        self.functions: list[FunctionSpec] = []
+        self.news: list[NewSpec] = []
+        self.states: dict[str, int] = {}
+        self.callbacks = Callbacks()
+        #: set by load()/loads(): where the patch came from and the sha256 of its text
+        self.source_path: str | None = None
+        self.sha256: str | None = None
+
+    def function(self, target: str, expect: str | None = None) -> Callable[[F], F]:
+        """Decorator: the decorated ``def`` replaces the body of `target`."""
+
+        def register(fn: F) -> F:
+            if not isinstance(fn, types.FunctionType):
+                raise PatchFileError(
+                    f"patch.function({target!r}) must decorate a plain def, "
+                    f"not {type(fn).__name__}"
+                )
+            if any(spec.target == target for spec in self.functions):
+                raise PatchFileError(f"{self.name}: {target} is replaced twice in one patch")
+            self.functions.append(FunctionSpec(target, fn, expect))
+            return fn
+
+        return register
+
+    def new(self, target: str, value: Any = _NO_VALUE) -> Any:
+        """Add `target` (``module:name`` or ``module:Class.name``) when the patch applies.
+
+        As a decorator it adds the decorated function (rebuilt on the target module's
+        globals); with `value` it adds that value. Reverting removes the name again.
+        """
+        if value is not _NO_VALUE:
+            self._add_new(target, value)
+            return value
+
+        def register(fn: F) -> F:
+            self._add_new(target, fn)
+            return fn
+
+        return register
+
+    def _add_new(self, target: str, value: Any) -> None:
+        if any(spec.target == target for spec in self.news):
+            raise PatchFileError(f"{self.name}: {target} is added twice in one patch")
+        self.news.append(NewSpec(target, value))
+
+    def state(self, id: str, version: int = 1) -> None:
+        """Declare a system state this patch introduces or carries on (kernel klp_state)."""
+        if not isinstance(version, int) or version < 0:
+            raise PatchFileError(f"{self.name}: state {id!r} version must be an int >= 0")
+        self.states[id] = version
+
+    def pre_patch(self, fn: F) -> F:
+        """Run before any change; raising vetoes the patch (nothing changes)."""
+        self.callbacks.pre_patch.append(fn)
+        return fn
+
+    def post_patch(self, fn: F) -> F:
+        """Run after the transition completed: every task runs the new code."""
+        self.callbacks.post_patch.append(fn)
+        return fn
+
+    def pre_unpatch(self, fn: F) -> F:
+        """Run before a revert starts; raising vetoes the revert."""
+        self.callbacks.pre_unpatch.append(fn)
+        return fn
+
+    def post_unpatch(self, fn: F) -> F:
+        """Run after a revert completed, or after a patch transition was reversed."""
+        self.callbacks.post_unpatch.append(fn)
+        return fn
+
+    @property
+    def targets(self) -> list[str]:
+        return [spec.target for spec in self.functions]
+
+    def __repr__(self) -> str:
+        kind = " cumulative" if self.cumulative else ""
+        return f"<Patch {self.name}{kind}: {len(self.functions)} function(s)>"
+
+
+def load(path: str | os.PathLike[str]) -> Patch:
+    """Load a patch file: run it in a fresh namespace and return its one Patch."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PatchFileError(f"patch file {str(file)!r} does not exist; check the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PatchFileError(f"cannot read patch file {str(file)!r}: {exc}") from None
+    return loads(text, filename=str(file.resolve()))
+
+
+def loads(text: str, filename: str = "<patch>") -> Patch:
+    """Load a patch from its source text; `filename` is where tracebacks will point."""
+    sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    # Register the text so tracebacks and source lookups see exactly what was loaded,
+    # even if the file changes on disk later or never existed (patches sent to the agent).
+    lines = text.splitlines(keepends=True)
+    linecache.cache[filename] = (len(text), None, lines, filename)
+    try:
+        code = compile(text, filename, "exec", dont_inherit=True)
+    except SyntaxError as exc:
+        raise PatchFileError(
+            f"{filename}:{exc.lineno}: syntax error in patch file: {exc.msg}"
+        ) from None
+    namespace = types.ModuleType(f"livepatch_patchfile_{sha[:12]}")
+    namespace.__file__ = filename
+    try:
+        exec(code, namespace.__dict__)
+    except PatchFileError as exc:
+        raise PatchFileError(f"{filename}: {exc}") from None
+    except BaseException as exc:  # a patch file must never take the process down
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise PatchFileError(f"{filename}: patch file tried to exit; remove that") from None
+        line = _failing_line(exc, filename)
+        raise PatchFileError(
+            f"{filename}{line}: patch file raised {type(exc).__name__}: {exc}; fix the file"
+        ) from None
+    found = [v for v in vars(namespace).values() if isinstance(v, Patch)]
+    found = list({id(p): p for p in found}.values())
+    if not found:
+        raise PatchFileError(f"{filename}: defines no livepatch.Patch; create exactly one")
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise PatchFileError(f"{filename}: defines {len(found)} patches ({names}); keep one")
+    patch = found[0]
+    patch.source_path = filename
+    patch.sha256 = sha
+    return patch
+
+
+def _failing_line(exc: BaseException, filename: str) -> str:
+    tb = exc.__traceback__
+    line = None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == filename:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return f":{line}" if line else ""

@@ -1,0 +1,182 @@
+"""Redirection: how calls reach the newest version of a function.
+
+livepatch never rebinds a name. A function is patched by replacing the *contents* of the
+live function object — ``__code__``, ``__defaults__``, ``__kwdefaults__`` — so every holder
+of the object (``from m import f`` copies, bound methods stored as callbacks, partials,
+registries) runs the new code, with the function's own globals and closure cells.
+
+Each patched function has a :class:`Slot` holding its original contents and a *version
+stack* (the kernel's ``func_stack``): one :class:`Version` per applied patch that replaces
+it, newest last. The newest version is installed; reverting any patch removes its version
+from the stack and installs whatever is then on top (or the original).
+
+A slot may stand for several live function objects that share one code object: a nested
+function (``outer.<locals>.inner``) has one function object per call of ``outer``. For
+those the slot also rewrites ``outer``'s code constants so closures made later get the
+new code too.
+
+Installing a version is three attribute stores. They are not atomic against other
+threads; callers that need atomicity (the ``stop`` model) park the other threads first,
+and the dispatching models install a trampoline instead (see ``dispatch``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import CodeType, FunctionType
+from typing import Any
+
+
+class _Keep:
+    """Marker: leave this attribute of the live function as it is."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP: Any = _Keep()
+
+
+@dataclass(frozen=True, eq=False)
+class Version:
+    """One version of a function's contents.
+
+    ``patch`` is the name of the patch that brought it, ``None`` for the original.
+    ``defaults``/``kwdefaults`` may be :data:`KEEP` (nested functions keep the defaults
+    each closure instance was created with).
+    """
+
+    code: CodeType
+    defaults: Any = KEEP
+    kwdefaults: Any = KEEP
+    patch: str | None = None
+
+    @classmethod
+    def of(cls, func: FunctionType, patch: str | None = None) -> Version:
+        return cls(func.__code__, func.__defaults__, _copy(func.__kwdefaults__), patch)
+
+    def install(self, func: FunctionType) -> None:
+        func.__code__ = self.code
+        if self.defaults is not KEEP:
+            func.__defaults__ = self.defaults
+        if self.kwdefaults is not KEEP:
+            func.__kwdefaults__ = _copy(self.kwdefaults)
+
+
+def _copy(kwdefaults: dict[str, Any] | None) -> dict[str, Any] | None:
+    # A function's __kwdefaults__ dict is mutable and shared by reference; keep our own.
+    return dict(kwdefaults) if kwdefaults is not None else None
+
+
+@dataclass(eq=False)
+class Slot:
+    """One patched function: its live object(s), original contents and version stack."""
+
+    key: str  # "package.module:Qualified.name"
+    funcs: list[FunctionType]
+    original: Version
+    #: registry identity: ("func", id(function)) or ("nested", key)
+    ident: Any = None
+    stack: list[Version] = field(default_factory=list)
+    #: code objects that own this function's code as a constant (nested functions):
+    #: (function whose __code__ holds it) — rewritten on every install
+    outers: list[FunctionType] = field(default_factory=list)
+    #: run after every install (e.g. clear an lru_cache wrapping the function)
+    after_install: list[Callable[[], None]] = field(default_factory=list)
+    #: a nested function: instances come and go, defaults are per instance
+    nested: bool = False
+
+    #: every code object this slot has installed (nested instances and outer constants
+    #: may still hold any of them)
+    seen: set[CodeType] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if self.ident is None:
+            self.ident = ("func", id(self.funcs[0]))
+        self.seen.add(self.original.code)
+
+    @property
+    def func(self) -> FunctionType:
+        return self.funcs[0]
+
+    def effective(self) -> Version:
+        return self.stack[-1] if self.stack else self.original
+
+    def version_of(self, patch: str) -> Version | None:
+        for version in self.stack:
+            if version.patch == patch:
+                return version
+        return None
+
+    def known_codes(self) -> set[CodeType]:
+        return {self.original.code, *(v.code for v in self.stack)}
+
+    def install(self, version: Version) -> None:
+        """Make every live object of this slot run `version` (no dispatch)."""
+        if self.nested:
+            # closures made since the slot was planned run a known version: adopt them
+            from livepatch.locate import instances_of
+
+            self.funcs = instances_of(*self.seen, *self.known_codes(), version.code)
+        self.seen.add(version.code)
+        for func in self.funcs:
+            version.install(func)
+        self._rewrite_outers(version.code)
+        for hook in self.after_install:
+            hook()
+
+    def install_code(self, code: CodeType) -> None:
+        """Install a bare code object (a trampoline) on every live object."""
+        for func in self.funcs:
+            func.__code__ = code
+
+    def _rewrite_outers(self, code: CodeType) -> None:
+        known = self.seen | self.known_codes()
+        for outer in self.outers:
+            outer.__code__ = replace_const(outer.__code__, known, code)
+
+
+def replace_const(code: CodeType, olds: set[CodeType], new: CodeType) -> CodeType:
+    """Return `code` with every code constant in `olds` (at any depth) replaced by `new`."""
+    changed = False
+    consts = []
+    for const in code.co_consts:
+        if isinstance(const, CodeType):
+            if const in olds and const is not new:
+                const, changed = new, True
+            else:
+                inner = replace_const(const, olds, new)
+                if inner is not const:
+                    const, changed = inner, True
+        consts.append(const)
+    return code.replace(co_consts=tuple(consts)) if changed else code
+
+
+#: Every slot with a non-empty stack, by identity: ("func", id(function)) — the slot keeps
+#: the function alive, so the id cannot be reused while the slot exists — or
+#: ("nested", key). Guarded by its own small lock so readers need not take core.LOCK.
+_slots: dict[Any, Slot] = {}
+_slots_lock = threading.Lock()
+
+
+def slot_for(ident: Any) -> Slot | None:
+    return _slots.get(ident)
+
+
+def register(slot: Slot) -> Slot:
+    with _slots_lock:
+        return _slots.setdefault(slot.ident, slot)
+
+
+def discard_if_idle(slot: Slot) -> None:
+    """Forget a slot whose stack is empty (the original is installed again)."""
+    with _slots_lock:
+        if not slot.stack and _slots.get(slot.ident) is slot:
+            del _slots[slot.ident]
+
+
+def all_slots() -> list[Slot]:
+    with _slots_lock:
+        return list(_slots.values())
