@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from livepatch import codegen, locate, redirect, transition
+from livepatch import codegen, exercise, locate, redirect, transition
 from livepatch.errors import (
     AlreadyApplied,
     CallbackFailed,
@@ -105,6 +105,9 @@ class AppliedPatch:
     source: str | None
     states: dict[str, int]
     callback_errors: list[str]
+    #: per function, when its new code first ran (epoch seconds; None: not yet);
+    #: None as a whole where the interpreter cannot tell cheaply (3.11)
+    exercised: dict[str, float | None] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -121,6 +124,7 @@ class AppliedPatch:
             "source": self.source,
             "states": dict(self.states),
             "callback_errors": list(self.callback_errors),
+            "exercised": dict(self.exercised) if self.exercised is not None else None,
         }
 
 
@@ -148,7 +152,18 @@ def _view(r: _Record) -> AppliedPatch:
         source=r.patch.source_path,
         states=dict(r.patch.states),
         callback_errors=list(r.callback_errors),
+        exercised=_exercised(r),
     )
+
+
+def _exercised(r: _Record) -> dict[str, float | None] | None:
+    if not exercise.supported():
+        return None
+    result: dict[str, float | None] = {}
+    for slot in r.slots:
+        version = slot.version_of(r.patch.name)
+        result[slot.key] = exercise.first_run(version.code) if version else None
+    return result
 
 
 def _find(name: str) -> _Record | None:
@@ -594,6 +609,7 @@ class _ApplyHooks:
                     _applied.remove(old)
             self.record.state = "applied"
             self.record.forced = bool(t is not None and t.forced)
+        exercise.watch([p.version.code for p in self.plan.prepared])
 
     def _gone(self) -> set[str]:
         return {r.patch.name for r in self.superseded}

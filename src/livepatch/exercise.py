@@ -1,0 +1,65 @@
+"""Exercise tracking: has the new code of a patch actually run yet?
+
+An SRE who applied a fix wants to know whether the fixed path has been taken since. Counting
+calls would cost every call forever; instead, on Python 3.12+ we ask ``sys.monitoring`` for
+the *first* ``PY_START`` of each new code object and then disable the event at that
+location, so a function costs nothing extra once it has been seen to run. On 3.11 there is
+no per-code-object hook that goes quiet by itself, so the answer is "unknown" (``None``).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from types import CodeType
+from typing import Any
+
+_TOOL_NAME = "livepatch-exercise"
+_lock = threading.Lock()
+_first_run: dict[CodeType, float | None] = {}  # code → time of first run (None: not yet)
+_tool: int | None = None
+
+_monitoring: Any = getattr(sys, "monitoring", None)
+
+
+def _claim_tool() -> int | None:
+    global _tool
+    if _tool is not None or _monitoring is None:
+        return _tool
+    for tool in (4, 3):  # ids the standard tools (debugger, coverage, profiler) leave free
+        try:
+            _monitoring.use_tool_id(tool, _TOOL_NAME)
+        except ValueError:
+            continue
+        _monitoring.register_callback(tool, _monitoring.events.PY_START, _on_start)
+        _tool = tool
+        return tool
+    return None
+
+
+def _on_start(code: CodeType, offset: int) -> Any:
+    if code in _first_run and _first_run[code] is None:
+        _first_run[code] = time.time()
+    return _monitoring.DISABLE
+
+
+def watch(codes: list[CodeType]) -> None:
+    """Start watching `codes` for their first run."""
+    with _lock:
+        tool = _claim_tool()
+        if tool is None:
+            return
+        for code in codes:
+            if code not in _first_run:
+                _first_run[code] = None
+                _monitoring.set_local_events(tool, code, _monitoring.events.PY_START)
+
+
+def first_run(code: CodeType) -> float | None:
+    """When `code` first ran (epoch seconds), None if not yet."""
+    return _first_run.get(code)
+
+
+def supported() -> bool:
+    return _monitoring is not None and _claim_tool() is not None
