@@ -1,0 +1,121 @@
+"""The client side of the agent protocol, used by the `livepatch` command.
+
+`AgentClient(pid)` finds and connects to the agent of a process and runs one request at a
+time: `request()` returns the result, calling `on_progress` for each progress message in
+between. An error reply is raised as `RemoteError`, carrying the agent's code and message
+unchanged; losing the connection before the result is raised as `LostConnection`, whose
+message tells whether the process is still there.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from livepatch.agent import discovery, protocol
+from livepatch.errors import PatchError
+
+
+class RemoteError(PatchError):
+    """The agent answered with an error; `.code` is the agent's code."""
+
+    code = "remote-error"
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Unreachable(PatchError):
+    """The agent's socket exists but cannot be connected to."""
+
+    code = "agent-unreachable"
+
+
+class LostConnection(PatchError):
+    """The connection ended before the agent answered."""
+
+    code = "connection-lost"
+
+
+class AgentClient:
+    """A connection to the agent of one process."""
+
+    def __init__(self, pid: int, *, timeout: float = 10.0, path: Path | None = None) -> None:
+        self.pid = pid
+        self.path = path or discovery.find_socket(pid)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(str(self.path))
+        except PermissionError:
+            self.sock.close()
+            raise Unreachable(
+                f"permission denied on {self.path}: the agent of pid {pid} belongs to another "
+                "user; run livepatch as that user or as root"
+            ) from None
+        except (ConnectionRefusedError, FileNotFoundError):
+            self.sock.close()
+            raise Unreachable(
+                f"the agent socket of pid {pid} is stale (nobody listens on {self.path}); "
+                "the process may be exiting or stuck — check it with 'livepatch ps'"
+            ) from None
+        except OSError as exc:
+            self.sock.close()
+            raise Unreachable(f"cannot connect to the agent of pid {pid}: {exc}") from None
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def request(
+        self,
+        op: str,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        *,
+        read_timeout: float | None = None,
+        **args: Any,
+    ) -> dict[str, Any]:
+        """Send one request; return its result message or raise its error."""
+        try:
+            protocol.send(self.sock, {"op": op, **args})
+            if read_timeout is not None:
+                self.sock.settimeout(read_timeout)
+            while True:
+                message = protocol.recv(self.sock)
+                kind = message.get("type")
+                if kind == "progress":
+                    if on_progress is not None:
+                        on_progress(message)
+                    continue
+                if kind == "error":
+                    raise RemoteError(
+                        str(message.get("code", "error")), str(message.get("message", ""))
+                    )
+                if kind == "result":
+                    return message
+                raise protocol.ProtocolError(f"agent sent a message of unknown type {kind!r}")
+        except (protocol.ConnectionClosed, ConnectionResetError, BrokenPipeError):
+            raise self._lost() from None
+        except TimeoutError:
+            raise LostConnection(
+                f"the agent of pid {self.pid} did not answer in time; check 'livepatch status "
+                f"--pid {self.pid}'"
+            ) from None
+
+    def _lost(self) -> LostConnection:
+        if discovery.process_info(self.pid) is None:
+            return LostConnection(
+                f"process {self.pid} exited before the agent answered; nothing more to do there"
+            )
+        return LostConnection(
+            f"the agent of pid {self.pid} closed the connection before answering; "
+            f"check 'livepatch status --pid {self.pid}'"
+        )

@@ -1,0 +1,181 @@
+"""Patching a process tree all or nothing: a gunicorn master and every worker.
+
+`apply --tree` finds the master's Python descendants that run an agent (via /proc), then:
+
+1. *plan* in every process (signature, load, resolve, fingerprints) — any refusal stops
+   here and nothing has changed anywhere;
+2. *apply* in all of them at once, one connection each, streaming progress per pid;
+3. if any apply failed, *revert* the patch in every process where it succeeded (or is
+   pending), so the tree ends as it began. A process that exits during the operation
+   counts as a failure only if it exited before applying (an exiting worker is replaced by
+   a fresh one that inherits the master's patches).
+
+Processes where the patched modules are not imported (a master without `--preload`) keep
+the patch *pending* and apply it when the module is imported (see `persist`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from livepatch.agent import discovery
+from livepatch.agent.client import AgentClient
+from livepatch.errors import PatchError
+
+
+class TreeFailed(PatchError):
+    """The patch failed in one process of the tree; the others were put back."""
+
+    code = "tree-failed"
+
+
+class RollbackFailed(PatchError):
+    """The patch failed somewhere and could not be reverted everywhere else."""
+
+    code = "rollback-failed"
+
+
+@dataclass
+class Member:
+    """One process of the tree and what happened to it."""
+
+    pid: int
+    command: str
+    #: waiting, planned, running, applied, deferred, failed, exited, reverted
+    state: str = "waiting"
+    master: bool = False
+    error: str | None = None
+    code: str | None = None
+    transition: dict[str, Any] | None = None
+    result: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "command": self.command,
+            "state": self.state,
+            "master": self.master,
+            "error": self.error,
+            "code": self.code,
+            "transition": self.transition,
+        }
+
+
+def tree_members(master: int) -> list[Member]:
+    """The master and its descendants that have an agent (the master must have one)."""
+    discovery.find_socket(master)  # raises with what to do if the master has no agent
+    sockets = discovery.agent_sockets()
+    pids = [master] + [pid for pid in discovery.children(master) if pid in sockets]
+    members = []
+    for pid in pids:
+        info = discovery.process_info(pid)
+        if info is not None:
+            members.append(Member(pid=pid, command=info.command_line, master=pid == master))
+    return members
+
+
+def apply_tree(
+    members: list[Member],
+    request: dict[str, Any],
+    on_update: Callable[[Member], None],
+    *,
+    timeout: float,
+) -> None:
+    """Plan, apply everywhere, roll back on failure. Raises TreeFailed/RollbackFailed."""
+    plan_args: dict[str, Any] = {
+        k: request[k] for k in ("text", "filename", "signature") if k in request
+    }
+    plan_args["defer"] = True
+    _each(members, lambda m: _plan(m, plan_args, on_update))
+    refused = [m for m in members if m.state == "failed"]
+    if refused:
+        first = refused[0]
+        raise TreeFailed(
+            f"pid {first.pid} refused the patch, so no process was changed: {first.error}"
+        )
+    _each(members, lambda m: _apply(m, {**request, "defer": True}, on_update, timeout))
+    failed = [m for m in members if m.state == "failed"]
+    if not failed:
+        return
+    name = next((m.result.get("patch") for m in members if m.result.get("patch")), None)
+    done = [m for m in members if m.state in ("applied", "deferred")]
+    if name:
+        _each(done, lambda m: _revert(m, name, request, on_update, timeout))
+    stuck = [m for m in done if m.state != "reverted"]
+    first = failed[0]
+    if stuck:
+        raise RollbackFailed(
+            f"pid {first.pid} failed ({first.error}) and the patch could not be reverted in "
+            f"pid {', '.join(str(m.pid) for m in stuck)}; revert it there by hand with "
+            "'livepatch revert NAME --pid N'"
+        )
+    raise TreeFailed(
+        f"pid {first.pid} failed ({first.error}); the patch was reverted in the "
+        f"{len(done)} process(es) where it had applied"
+    )
+
+
+def _each(members: list[Member], work: Callable[[Member], None]) -> None:
+    threads = [threading.Thread(target=work, args=(m,), daemon=True) for m in members]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def _plan(member: Member, args: dict[str, Any], on_update: Callable[[Member], None]) -> None:
+    try:
+        with AgentClient(member.pid) as client:
+            member.result = client.request("plan", read_timeout=60.0, **args)
+        member.state = "planned"
+    except PatchError as exc:
+        member.state, member.error, member.code = "failed", str(exc), exc.code
+    on_update(member)
+
+
+def _apply(
+    member: Member,
+    args: dict[str, Any],
+    on_update: Callable[[Member], None],
+    timeout: float,
+) -> None:
+    def progress(message: dict[str, Any]) -> None:
+        member.transition = message.get("transition")
+        on_update(member)
+
+    member.state = "running"
+    on_update(member)
+    try:
+        with AgentClient(member.pid) as client:
+            member.result = client.request("apply", progress, read_timeout=timeout + 60.0, **args)
+        member.state = str(member.result.get("state", "applied"))
+        member.transition = member.result.get("transition") or member.transition
+    except PatchError as exc:
+        gone = discovery.process_info(member.pid) is None
+        # a worker that exits mid-apply is replaced by a fork of the (patched) master
+        member.state = "exited" if gone and not member.master else "failed"
+        member.error, member.code = str(exc), exc.code
+    on_update(member)
+
+
+def _revert(
+    member: Member,
+    name: str,
+    request: dict[str, Any],
+    on_update: Callable[[Member], None],
+    timeout: float,
+) -> None:
+    args = {"name": name, "model": request.get("model", "hybrid"), "timeout": timeout}
+    try:
+        with AgentClient(member.pid) as client:
+            client.request("revert", read_timeout=timeout + 60.0, **args)
+        member.state = "reverted"
+    except PatchError as exc:
+        if discovery.process_info(member.pid) is None:
+            member.state = "reverted"  # gone, and its patch with it
+        else:
+            member.error, member.code = str(exc), exc.code
+    on_update(member)

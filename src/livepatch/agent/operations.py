@@ -1,0 +1,438 @@
+"""What each agent request does inside the target process.
+
+Every operation runs in an agent connection thread and talks to the process only through
+the public livepatch API (`loads`, `plan`, `apply`, `revert`, `patches`, `transition`).
+The order inside `apply` is the security argument: the signature is checked on the bytes
+received *before* the patch file is executed, and the patch is loaded in a fresh
+namespace under a filename that says where it came from, so tracebacks from patched code
+point at the patch file.
+
+Long operations stream `progress` messages by polling the `Transition` (state, tasks
+switched of total, blockers). If the client goes away mid-transition the operation carries
+on: the transition finishes or reverses by itself (the engine owns its timeout), and the
+outcome is still audited and recorded.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import CodeType, FrameType
+from typing import Any
+
+from livepatch.agent import protocol
+from livepatch.agent.audit import AuditLog, AuditRecord
+from livepatch.agent.peercred import Peer
+from livepatch.agent.persist import (
+    DeferredPatches,
+    PatchRecord,
+    Pending,
+    ProgramRecords,
+    target_modules,
+)
+from livepatch.agent.signing import TrustedKeys
+from livepatch.errors import PatchError
+
+#: how often a running transition is polled for progress
+POLL_INTERVAL = 0.05
+#: a progress message is sent at least this often even when nothing changed
+HEARTBEAT = 1.0
+
+
+@dataclass
+class AgentState:
+    """What every operation shares: trust, the audit log, records and pending patches."""
+
+    trusted: TrustedKeys
+    audit: AuditLog
+    records: ProgramRecords
+    deferred: DeferredPatches
+    started_at: float
+    socket: str
+
+
+@dataclass
+class Request:
+    """One validated request and where it came from."""
+
+    op: str
+    args: dict[str, Any]
+    peer: Peer
+    #: sends one message to the client; returns False once the client is gone
+    send: Callable[[dict[str, Any]], bool]
+
+
+def dispatch(state: AgentState, request: Request) -> dict[str, Any]:
+    """Run `request`; return its result message (errors are raised as PatchError)."""
+    handler = _HANDLERS[request.op]
+    return handler(state, request)
+
+
+def hello(state: AgentState, request: Request) -> dict[str, Any]:
+    import livepatch
+
+    return protocol.result(
+        protocol=protocol.PROTOCOL_VERSION,
+        pid=os.getpid(),
+        uid=os.getuid(),
+        argv=list(sys.argv),
+        python=sys.version.split()[0],
+        executable=sys.executable,
+        livepatch=getattr(livepatch, "__version__", "?"),
+        signatures_required=state.trusted.required,
+        trusted_keys=state.trusted.ids,
+        program=state.records.key,
+        socket=state.socket,
+        agent_started_at=state.started_at,
+        audit_log=str(state.audit.path),
+    )
+
+
+def status(state: AgentState, request: Request) -> dict[str, Any]:
+    import livepatch
+
+    current = livepatch.transition()
+    return protocol.result(
+        pid=os.getpid(),
+        argv=list(sys.argv),
+        program=state.records.key,
+        patches=[_applied_dict(p) for p in livepatch.patches()],
+        pending=state.deferred.describe(),
+        transition=current.to_dict() if current is not None else None,
+        signatures_required=state.trusted.required,
+        audit_error=state.audit.error,
+    )
+
+
+def plan(state: AgentState, request: Request) -> dict[str, Any]:
+    """Dry run: verify signature, load, resolve and verify every target; change nothing."""
+    import livepatch
+
+    patch = None
+    try:
+        patch = _load(state, request)
+        missing = [m for m in target_modules(patch) if m not in sys.modules]
+        if missing and request.args.get("defer", False):
+            # nothing to verify here yet: the patch would wait for these imports
+            answer = protocol.result(
+                patch=patch.name,
+                sha256=patch.sha256,
+                changes=[],
+                notes=[f"would wait for the import of {', '.join(missing)}"],
+                running=[],
+                missing_modules=missing,
+            )
+        else:
+            result = livepatch.plan(patch)
+            changes = [
+                {"target": c.target, "verified": c.verified, "note": c.note} for c in result.changes
+            ]
+            answer = protocol.result(
+                patch=patch.name,
+                sha256=patch.sha256,
+                changes=changes,
+                notes=list(result.notes),
+                running=running_targets(patch),
+                missing_modules=missing,
+            )
+    except BaseException as exc:
+        _audit(state, request, "plan", patch, error=exc)
+        raise
+    _audit(state, request, "plan", patch)
+    return answer
+
+
+def apply(state: AgentState, request: Request) -> dict[str, Any]:
+    import livepatch
+
+    args = request.args
+    model = args.get("model", "hybrid")
+    patch = None
+    try:
+        patch = _load(state, request)
+        record = PatchRecord(
+            name=patch.name,
+            sha256=patch.sha256 or "",
+            text=args["text"],
+            filename=patch.source_path or "<patch>",
+            signature=args.get("signature"),
+            model=model,
+        )
+        missing = [m for m in target_modules(patch) if m not in sys.modules]
+        if missing and args.get("defer", False):
+            return _defer(state, request, patch, record, missing)
+        transition = livepatch.apply(
+            patch,
+            model=model,
+            timeout=float(args.get("timeout", 30.0)),
+            force=bool(args.get("force", False)),
+            wait=False,
+        )
+        final = _follow(transition, request, float(args.get("timeout", 30.0)))
+        if transition.error is not None:
+            raise transition.error
+    except BaseException as exc:
+        _audit(state, request, "apply", patch, model=model, error=exc)
+        raise
+    _audit(state, request, "apply", patch, model=model)
+    if args.get("persist", True):
+        _record(state, add=record)
+    return protocol.result(patch=patch.name, sha256=patch.sha256, state="applied", transition=final)
+
+
+def revert(state: AgentState, request: Request) -> dict[str, Any]:
+    import livepatch
+
+    args = request.args
+    name = args["name"]
+    model = args.get("model", "hybrid")
+    sha = _applied_sha(name)
+    try:
+        if state.deferred.remove(name):
+            final: dict[str, Any] | None = None
+            outcome = "cancelled"
+        else:
+            transition = livepatch.revert(
+                name,
+                model=model,
+                timeout=float(args.get("timeout", 30.0)),
+                force=bool(args.get("force", False)),
+                wait=False,
+            )
+            final = _follow(transition, request, float(args.get("timeout", 30.0)))
+            if transition.error is not None:
+                raise transition.error
+            outcome = "reverted"
+    except BaseException as exc:
+        _audit(state, request, "revert", None, name=name, sha=sha, model=model, error=exc)
+        raise
+    _audit(state, request, "revert", None, name=name, sha=sha, model=model)
+    _record(state, remove=name)
+    return protocol.result(patch=name, sha256=sha, state=outcome, transition=final)
+
+
+_HANDLERS: dict[str, Callable[[AgentState, Request], dict[str, Any]]] = {
+    "hello": hello,
+    "status": status,
+    "plan": plan,
+    "apply": apply,
+    "revert": revert,
+}
+
+
+def running_targets(patch: Any) -> list[dict[str, Any]]:
+    """Which threads run a function the patch changes right now, and where.
+
+    Reads `sys._current_frames()` once: a snapshot, since threads keep running.
+    """
+    from livepatch import locate
+
+    codes: dict[CodeType, str] = {}
+    for spec in patch.functions:
+        try:
+            target = locate.resolve(spec.target)
+        except Exception:  # unresolved targets are reported by plan() already
+            continue
+        codes[target.code] = spec.target
+    if not codes:
+        return []
+    names = {t.ident: t.name for t in threading.enumerate()}
+    found = []
+    for ident, frame in sys._current_frames().items():
+        hits = []
+        f: FrameType | None = frame
+        while f is not None:
+            if f.f_code in codes:
+                hits.append(f"{codes[f.f_code]} ({f.f_code.co_filename}:{f.f_lineno})")
+            f = f.f_back
+        if hits:
+            found.append({"thread": names.get(ident, f"thread {ident}"), "frames": hits})
+    return found
+
+
+def restore(state: AgentState, on_error: Callable[[str], None]) -> list[str]:
+    """Bring recorded patches back in a freshly started process; return their names.
+
+    Patches whose modules are loaded are applied now; the rest wait for their import.
+    """
+    import livepatch
+
+    applied = {p.name for p in livepatch.patches()}
+    restored = []
+    for record in state.records.load():
+        if record.name in applied or record.name in state.deferred.names():
+            continue  # a forked child inherits its parent's patches
+        try:
+            state.trusted.verify(record.text.encode(), record.signature)
+            patch = livepatch.loads(record.text, filename=record.filename)
+        except PatchError as exc:
+            on_error(f"recorded patch {record.name} not restored: {exc}")
+            continue
+        missing = [m for m in target_modules(patch) if m not in sys.modules]
+        if missing:
+            state.deferred.add(Pending(patch, record, missing, _deferred_done(state, None)))
+        else:
+            try:
+                livepatch.apply(patch, model=record.model, wait=True)
+            except PatchError as exc:
+                on_error(f"recorded patch {record.name} not restored: {exc}")
+                continue
+        restored.append(record.name)
+    return restored
+
+
+def _load(state: AgentState, request: Request) -> Any:
+    import livepatch
+
+    text = request.args["text"]
+    state.trusted.verify(text.encode("utf-8"), request.args.get("signature"))
+    filename = request.args.get("filename") or f"<patch sent by pid {request.peer.pid}>"
+    return livepatch.loads(text, filename=filename)
+
+
+def _defer(
+    state: AgentState,
+    request: Request,
+    patch: Any,
+    record: PatchRecord,
+    missing: list[str],
+) -> dict[str, Any]:
+    import livepatch
+
+    if patch.name in {p.name for p in livepatch.patches()} or patch.name in state.deferred.names():
+        from livepatch.errors import AlreadyApplied
+
+        raise AlreadyApplied(f"{patch.name} is applied already; revert it first")
+    state.deferred.add(Pending(patch, record, missing, _deferred_done(state, request.peer)))
+    _audit(state, request, "apply", patch, model=record.model, outcome="deferred")
+    if request.args.get("persist", True):
+        _record(state, add=record)
+    return protocol.result(
+        patch=patch.name,
+        sha256=patch.sha256,
+        state="deferred",
+        waiting_for=missing,
+        transition=None,
+    )
+
+
+def _deferred_done(
+    state: AgentState, peer: Peer | None
+) -> Callable[[Pending, BaseException | None], None]:
+    def done(pending: Pending, error: BaseException | None) -> None:
+        code = "ok" if error is None else getattr(error, "code", "internal-error")
+        state.audit.write(
+            AuditRecord(
+                event="apply",
+                result=code,
+                peer_uid=peer.uid if peer else None,
+                peer_pid=peer.pid if peer else None,
+                patch=pending.record.name,
+                sha256=pending.record.sha256,
+                model="immediate",
+                message="applied when its module was imported"
+                if error is None
+                else _one_line(error),
+            )
+        )
+        if error is not None:
+            print(
+                f"livepatch agent: pending patch {pending.record.name} failed when its "
+                f"module was imported: {_one_line(error)}",
+                file=sys.stderr,
+            )
+
+    return done
+
+
+def _follow(transition: Any, request: Request, timeout: float) -> dict[str, Any]:
+    """Stream progress until the transition ends; keep following if the client left."""
+    last: dict[str, Any] | None = None
+    last_sent = 0.0
+    client = True
+    # The engine enforces the timeout; this bound only protects the agent thread.
+    deadline = time.monotonic() + timeout + 60.0
+    while not transition.done and time.monotonic() < deadline:
+        snapshot = transition.to_dict()
+        comparable = {k: v for k, v in snapshot.items() if k not in ("elapsed", "paused")}
+        now = time.monotonic()
+        if client and (comparable != last or now - last_sent >= HEARTBEAT):
+            client = request.send(protocol.progress(transition=snapshot))
+            last, last_sent = comparable, now
+        time.sleep(POLL_INTERVAL)
+    return dict(transition.to_dict())
+
+
+def _record(
+    state: AgentState, *, add: PatchRecord | None = None, remove: str | None = None
+) -> None:
+    """Bring the program's records in line with what is applied here now."""
+    import livepatch
+
+    live = {p.name for p in livepatch.patches()} | set(state.deferred.names())
+
+    def change(records: list[PatchRecord]) -> list[PatchRecord]:
+        kept = [r for r in records if r.name in live and r.name != remove]
+        if add is not None:
+            kept = [r for r in kept if r.name != add.name] + [add]
+        return kept
+
+    try:
+        state.records.update(change)
+    except OSError as exc:
+        print(
+            f"livepatch agent: cannot record patches in {state.records.path}: {exc}",
+            file=sys.stderr,
+        )
+
+
+def _audit(
+    state: AgentState,
+    request: Request,
+    event: str,
+    patch: Any,
+    *,
+    name: str | None = None,
+    sha: str | None = None,
+    model: str | None = None,
+    error: BaseException | None = None,
+    outcome: str = "ok",
+) -> None:
+    if error is not None:
+        outcome = getattr(error, "code", None) or "internal-error"
+    state.audit.write(
+        AuditRecord(
+            event=event,
+            result=outcome,
+            peer_uid=request.peer.uid,
+            peer_pid=request.peer.pid,
+            patch=getattr(patch, "name", None) or name,
+            sha256=getattr(patch, "sha256", None) or sha,
+            model=model,
+            message=_one_line(error) if error is not None else None,
+        )
+    )
+
+
+def _applied_sha(name: str) -> str | None:
+    import livepatch
+
+    for applied in livepatch.patches():
+        if applied.name == name:
+            return getattr(applied, "sha256", None)
+    return None
+
+
+def _applied_dict(applied: Any) -> dict[str, Any]:
+    to_dict = getattr(applied, "to_dict", None)
+    if callable(to_dict):
+        return dict(to_dict())
+    return {"name": applied.name, "state": str(getattr(applied, "state", "?"))}
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:500] or type(exc).__name__

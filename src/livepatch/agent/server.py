@@ -1,0 +1,231 @@
+"""The agent's socket server: accept, check the peer, read requests, answer, never crash.
+
+One daemon thread accepts connections on the agent socket; each connection gets its own
+daemon thread (at most `MAX_CLIENTS` at once, so a flood of connections cannot exhaust the
+host's threads). A connection from a uid other than the process's own or root is answered
+with a `peer-refused` error, audited and closed before anything is read from it.
+
+Nothing a client sends can reach the host process: every frame is size-checked before it
+is read, decoded and validated before it is acted on, and every exception, including
+those raised by patch files, ends as an error reply. A frame that breaks the framing
+itself (too large, or the connection closes mid-frame) ends the connection, since the
+stream can no longer be trusted; anything else leaves it open for the next request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from livepatch.agent import paths, protocol
+from livepatch.agent.audit import AuditRecord
+from livepatch.agent.operations import AgentState, Request, dispatch
+from livepatch.agent.peercred import Peer, allowed, peer_of
+
+MAX_CLIENTS = 8
+#: a client that sends nothing for this long is disconnected
+IDLE_TIMEOUT = 60.0
+
+
+class Agent:
+    """The control socket of this process."""
+
+    def __init__(self, state: AgentState, directory: Path) -> None:
+        self.state = state
+        self.directory = directory
+        self.path = paths.socket_path(os.getpid(), directory)
+        self.pid = os.getpid()
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        self._closed = threading.Event()
+
+    def start(self) -> None:
+        paths.private_dir(self.directory)
+        if len(os.fsencode(self.path)) > paths.MAX_SOCKET_PATH:
+            raise paths.UnsafeDirectory(
+                f"socket path {self.path} is longer than {paths.MAX_SOCKET_PATH} bytes; "
+                f"set {paths.SOCKET_DIR_ENV} to a shorter directory"
+            )
+        remove_stale(self.directory)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # ours from before an exec(), or a dead process's with our pid
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(self.path))
+            os.chmod(self.path, 0o600)
+            sock.listen(16)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self.state.socket = str(self.path)
+        self._thread = threading.Thread(
+            target=self._accept_loop, name="livepatch-agent", daemon=True
+        )
+        self._thread.start()
+
+    def close(self, unlink: bool = True) -> None:
+        """Stop accepting; `unlink=False` in a forked child, whose parent owns the path."""
+        self._closed.set()
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            if unlink:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        if unlink and os.getpid() == self.pid:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    @property
+    def running(self) -> bool:
+        return self._sock is not None and self._thread is not None and self._thread.is_alive()
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            sock = self._sock
+            if sock is None:
+                return
+            try:
+                conn, _ = sock.accept()
+            except OSError as exc:
+                if self._closed.is_set() or exc.errno in (errno.EBADF, errno.EINVAL):
+                    return
+                time.sleep(0.05)  # e.g. EMFILE: back off instead of spinning
+                continue
+            if not self._slots.acquire(blocking=False):
+                self._reply_and_close(
+                    conn, protocol.error("agent-busy", "too many clients; try again shortly")
+                )
+                continue
+            threading.Thread(
+                target=self._serve, args=(conn,), name="livepatch-agent-client", daemon=True
+            ).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                conn.settimeout(IDLE_TIMEOUT)
+                peer = peer_of(conn)
+                if not allowed(peer):
+                    self._refuse_peer(conn, peer)
+                    return
+                self._conversation(conn, peer)
+        except BaseException as exc:  # the host process must never see an agent error
+            _warn(f"connection handler failed: {type(exc).__name__}: {exc}")
+        finally:
+            self._slots.release()
+
+    def _conversation(self, conn: socket.socket, peer: Peer) -> None:
+        alive = True
+
+        def send(message: dict[str, Any]) -> bool:
+            nonlocal alive
+            if not alive:
+                return False
+            try:
+                protocol.send(conn, message)
+            except OSError:
+                alive = False  # the client left; the operation carries on without it
+            return alive
+
+        while alive and not self._closed.is_set():
+            try:
+                message = protocol.recv(conn)
+            except protocol.ConnectionClosed:
+                return
+            except protocol.ProtocolError as exc:
+                send(protocol.error_from(exc))
+                if isinstance(exc, protocol.FrameTooLarge):
+                    return
+                continue
+            except (TimeoutError, OSError):
+                return
+            try:
+                op, args = protocol.validate(message)
+                reply = dispatch(self.state, Request(op=op, args=args, peer=peer, send=send))
+            except BaseException as exc:
+                reply = protocol.error_from(exc)
+            send(reply)
+
+    def _refuse_peer(self, conn: socket.socket, peer: Peer) -> None:
+        self.state.audit.write(
+            AuditRecord(
+                event="connect",
+                result="peer-refused",
+                peer_uid=peer.uid,
+                peer_pid=peer.pid,
+                message=f"uid {peer.uid} is neither uid {os.getuid()} nor root",
+            )
+        )
+        self._reply_and_close(
+            conn,
+            protocol.error(
+                "peer-refused",
+                f"this agent serves uid {os.getuid()} and root only, not uid {peer.uid}; "
+                "run livepatch as the process's user",
+            ),
+        )
+
+    @staticmethod
+    def _reply_and_close(conn: socket.socket, message: dict[str, Any]) -> None:
+        with conn:
+            with contextlib.suppress(OSError):
+                conn.settimeout(1.0)
+                protocol.send(conn, message)
+
+
+def remove_stale(directory: Path) -> list[Path]:
+    """Delete sockets of agents that are gone (dead pid, or nobody listening)."""
+    removed: list[Path] = []
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = paths.SOCKET_NAME.match(entry.name)
+        if not match or int(match.group(1)) == os.getpid():
+            continue
+        if _pid_alive(int(match.group(1))) and _listening(entry):
+            continue
+        with contextlib.suppress(OSError):
+            entry.unlink()
+            removed.append(entry)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _listening(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(0.5)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        return False
+    except OSError:
+        return True  # cannot tell (e.g. timeout under load): leave it alone
+    finally:
+        probe.close()
+    return True
+
+
+def _warn(text: str) -> None:
+    with contextlib.suppress(Exception):
+        print(f"livepatch agent (pid {os.getpid()}): {text}", file=sys.stderr)
