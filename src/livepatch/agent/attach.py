@@ -53,10 +53,9 @@ __all__ = [
 
 SUPPORTED = ((3, 11), (3, 13))
 
-#: exit statuses of `livepatch attach`
+#: exit statuses, as `livepatch --help` documents them for every command
 EXIT_OK = 0
-EXIT_REFUSED = 3
-EXIT_FAILED = 4
+EXIT_REFUSED = 1
 
 _POLL = 0.005
 
@@ -95,26 +94,7 @@ def attach(pid: int, timeout: float = 10.0) -> AttachResult:
             elapsed=time.monotonic() - started,
             already_running=True,
         )
-    stub = stub_library()
-    staging = Path(tempfile.mkdtemp(prefix="livepatch-attach-"))
-    try:
-        result_file = staging / "result.json"
-        source = bootstrap_source(
-            {
-                "result": str(result_file),
-                "path": _import_path(),
-                "expect_version": list(target.version[:2]),
-                "marker": None,
-            }
-        )
-        library = prepare(stub, source, staging)
-        _hand_over(staging, library, target)
-        inject(pid, library)
-        # the target mapped the library; the file itself is no longer needed
-        library.unlink()
-        report = wait_for_report(pid, result_file, deadline, timeout)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    report = run_bootstrap(target, deadline, timeout)
     if not report.get("ok"):
         raise AttachFailed(
             f"the stub ran in process {pid} but the agent did not start: "
@@ -129,6 +109,37 @@ def attach(pid: int, timeout: float = 10.0) -> AttachResult:
         elapsed=time.monotonic() - started,
         already_running=False,
     )
+
+
+def run_bootstrap(
+    target: Target, deadline: float, timeout: float, marker: str | None = None
+) -> dict[str, Any]:
+    """Inject the stub into `target`, let its bootstrap run and return the bootstrap's report.
+
+    With a `marker` the bootstrap stops before importing livepatch and reports the marker
+    back: the injection itself, without the agent (the tests use this).
+    """
+    stub = stub_library()
+    staging = Path(tempfile.mkdtemp(prefix="livepatch-attach-"))
+    try:
+        result_file = staging / "result.json"
+        source = bootstrap_source(
+            {
+                "result": str(result_file),
+                # another version's site-packages would only break the target's imports
+                "path": _import_path() if target.version[:2] == sys.version_info[:2] else [],
+                "expect_version": list(target.version[:2]),
+                "marker": marker,
+            }
+        )
+        library = prepare(stub, source, staging)
+        _hand_over(staging, library, target)
+        inject(target.pid, library)
+        # the target has mapped the library; the file itself is no longer needed
+        library.unlink()
+        return wait_for_report(target.pid, result_file, deadline, timeout)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def wait_for_report(pid: int, result_file: Path, deadline: float, timeout: float) -> dict[str, Any]:
@@ -248,20 +259,20 @@ def attach_command(pid: int, timeout: float, as_json: bool) -> None:
     this livepatch, and a C compiler the first time. The process's main thread is paused
     for about a millisecond; the agent starts on a helper thread.
 
-    Exit status: 0 the agent answers, 3 refused (the process was not touched),
-    4 injected but no agent answered in time.
+    Exit status 0 when the agent answers; 1 when the attach was refused (code
+    attach-refused: the process was not touched) or failed (attach-failed: the stub was
+    loaded but no agent answered in time).
     """
     try:
         result = attach(pid, timeout=timeout)
     except PatchError as exc:
-        status = EXIT_REFUSED if isinstance(exc, AttachRefused) else EXIT_FAILED
         if as_json:
-            click.echo(json.dumps({"ok": False, "code": exc.code, "error": str(exc)}))
+            _print_json({"ok": False, "code": exc.code, "message": str(exc)})
         else:
             click.echo(f"livepatch attach: {exc}", err=True)
-        raise SystemExit(status) from None
+        raise SystemExit(EXIT_REFUSED) from None
     if as_json:
-        click.echo(json.dumps({"ok": True, **result.to_json()}))
+        _print_json({"ok": True, **result.to_json()})
     elif result.already_running:
         click.echo(f"process {pid} already has an agent on {result.socket_path}")
     else:
@@ -269,3 +280,7 @@ def attach_command(pid: int, timeout: float, as_json: bool) -> None:
             f"agent started in process {pid} (Python {result.python_version}) on "
             f"{result.socket_path} in {result.elapsed * 1000:.0f} ms"
         )
+
+
+def _print_json(data: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")

@@ -84,14 +84,14 @@ def _bootstrap(params: dict[str, Any], main_ident: int) -> None:  # pragma: no c
                 repaired = True
         if params["expect_version"] and list(sys.version_info[:2]) != params["expect_version"]:
             raise RuntimeError(f"expected Python {params['expect_version']}, found {sys.version}")
-        for entry in params["path"]:
-            if entry not in sys.path:
-                sys.path.append(entry)
         marker = params.get("marker")
         if marker:
             # used by the tests of the injection itself: proves the bootstrap ran, no agent
             report(ok=True, pid=os.getpid(), marker=marker, repaired=repaired)
             return
+        for entry in params["path"]:
+            if entry not in sys.path:
+                sys.path.append(entry)
         import livepatch.agent
 
         started = livepatch.agent.start()

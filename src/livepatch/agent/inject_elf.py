@@ -101,7 +101,7 @@ def dynamic_symbols(path: Path, wanted: frozenset[str]) -> ElfSymbols:
             strtab = read_at(headers[h[6]][4], headers[h[6]][5])
             # look the few wanted names up in the string table first, so the symbol
             # table is scanned for integers rather than decoded name by name
-            offsets = {}
+            offsets: dict[int, str] = {}
             for name in wanted:
                 encoded = b"\0" + name.encode() + b"\0"
                 at = strtab.find(encoded)
@@ -115,7 +115,7 @@ def dynamic_symbols(path: Path, wanted: frozenset[str]) -> ElfSymbols:
                 raise NotElf(f"{path} has symbols of an unexpected size ({entsize})")
             raw = read_at(h[4], h[5] - h[5] % entsize)
             for st_name, _info, _other, st_shndx, st_value, _size in _SYM.iter_unpack(raw):
-                name = offsets.get(st_name)
-                if name is not None and st_shndx != _SHN_UNDEF:
-                    symbols[name] = st_value
+                found = offsets.get(st_name)
+                if found is not None and st_shndx != _SHN_UNDEF:
+                    symbols[found] = st_value
     return ElfSymbols(path=path, symbols=symbols, sections=sections)

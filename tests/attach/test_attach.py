@@ -1,0 +1,100 @@
+"""`livepatch attach`: the agent starts inside a program that did not opt in, answers on
+its socket, and the program keeps running; a second attach finds it running."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from attach_targets import OURS
+
+from livepatch.agent import discovery
+from livepatch.agent.attach import AttachFailed, attach
+from livepatch.agent.client import AgentClient
+
+pytestmark = pytest.mark.timeout(60)
+
+LIVEPATCH = Path(sys.executable).with_name("livepatch")
+
+
+def _hello(pid: int, socket: str) -> dict:
+    with AgentClient(pid, path=Path(socket), timeout=10) as client:
+        return client.request("hello")
+
+
+@pytest.mark.parametrize("mode", ["sleep", "busy"])
+def test_attach_to_a_running_program(spawn, isolated_env, mode):
+    target = spawn(OURS, mode)
+    target.expect("tick")
+
+    result = attach(target.pid, timeout=20)
+
+    assert result.pid == target.pid and not result.already_running
+    assert result.python_version.startswith(OURS + ".")
+    assert Path(result.socket_path).parent == Path(isolated_env["LIVEPATCH_SOCKET_DIR"])
+    assert 0 < result.elapsed < 20
+    hello = _hello(target.pid, result.socket_path)
+    assert hello["pid"] == target.pid and hello["python"] == result.python_version
+    ticks = [int(target.expect("tick").split()[1]) for _ in range(3)]
+    assert ticks == sorted(ticks)
+    assert target.alive() and target.stderr == []
+
+
+def test_attach_to_a_program_blocked_on_a_pipe_then_again(spawn):
+    target = spawn(OURS, "pipe")
+
+    first = attach(target.pid, timeout=20)
+    again = attach(target.pid, timeout=20)
+
+    assert not first.already_running
+    assert again.already_running and again.socket_path == first.socket_path
+    target.send("check")
+    # the agent serves from its own thread; the program's main thread is untouched
+    assert target.expect("check").split()[1:] == ["main-is-current", "alive", "agent-thread"]
+    target.send("still here")
+    assert target.expect("echo") == "echo still here"
+    target.send("exit")
+    target.expect("bye")
+    assert target.proc.wait(timeout=10) == 0
+    assert target.stderr == []
+
+
+def test_cli_attach_json(spawn, isolated_env):
+    target = spawn(OURS, "sleep")
+    done = subprocess.run(
+        [str(LIVEPATCH), "attach", str(target.pid), "--json", "--timeout", "20"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=isolated_env,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["ok"] is True and out["pid"] == target.pid and out["already_running"] is False
+    assert _hello(target.pid, out["socket_path"])["pid"] == target.pid
+    target.expect("tick")
+
+
+def test_attach_reports_a_target_holding_the_gil_and_the_agent_comes_later(spawn):
+    # one C call that never releases the GIL: the helper thread cannot run until it ends
+    target = spawn(OURS, "gil", str(6 * 10**7))
+    target.expect("holding")
+
+    with pytest.raises(AttachFailed, match="did not report within"):
+        attach(target.pid, timeout=0.3)
+
+    target.expect("released", timeout=30)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket = discovery.find_socket(target.pid)
+            break
+        except discovery.NoAgent:
+            assert time.monotonic() < deadline, "the agent never started"
+            time.sleep(0.05)
+    assert _hello(target.pid, str(socket))["pid"] == target.pid
+    target.expect("tick")

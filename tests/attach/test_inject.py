@@ -1,0 +1,84 @@
+"""The injection itself, on every supported Python: the stub runs its bootstrap in a
+sleeping, a busy and an I/O-blocked target, and the target carries on unharmed.
+
+These use the bootstrap's marker mode (it reports and stops before importing livepatch),
+so they work for targets of any version, whatever Python runs the tests.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from attach_targets import VERSIONS
+
+from livepatch.agent.attach import run_bootstrap
+from livepatch.agent.inject_bootstrap import bootstrap_source
+from livepatch.agent.inject_probe import probe
+from livepatch.agent.inject_stub import SLOT_SIZE, stub_library
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _tick(line: str) -> int:
+    return int(line.split()[1])
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("mode", ["sleep", "busy"])
+def test_running_target_runs_the_bootstrap_and_keeps_running(spawn, version, mode):
+    target = spawn(version, mode)
+    before = _tick(target.expect("tick"))
+    info = probe(target.pid)
+    assert f"{info.version[0]}.{info.version[1]}" == version
+
+    report = run_bootstrap(info, time.monotonic() + 10, 10, marker=f"m-{mode}")
+
+    assert report["ok"] is True, report
+    assert (report["pid"], report["marker"]) == (target.pid, f"m-{mode}")
+    # the program goes on where it was: the counter keeps counting and stays consistent
+    lines = [target.expect("tick") for _ in range(3)]
+    ticks = [_tick(line) for line in lines]
+    assert ticks == sorted(ticks) and ticks[0] > before
+    assert all("CORRUPT" not in line for line in lines)
+    assert target.alive() and target.stderr == []
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_target_blocked_on_a_pipe_runs_the_bootstrap_and_exits_cleanly(spawn, version):
+    target = spawn(version, "pipe")
+    info = probe(target.pid)
+
+    report = run_bootstrap(info, time.monotonic() + 10, 10, marker="m-pipe")
+
+    assert report["ok"] is True and report["marker"] == "m-pipe", report
+    target.send("hello")
+    assert target.expect("echo") == "echo hello"
+    # the bootstrap imported threading from its helper thread: the main thread must
+    # still be the main thread, alive, when the program itself looks
+    target.send("check")
+    assert target.expect("check").split()[1:3] == ["main-is-current", "alive"]
+    target.send("exit")
+    target.expect("bye")
+    assert target.proc.wait(timeout=10) == 0
+    assert target.stderr == []
+    if version == "3.12":
+        # 3.12 records the importing thread as the main thread: the bootstrap repairs it
+        assert report["repaired"] is True
+
+
+def test_stub_is_built_once_and_cached():
+    first = stub_library()
+    mtime = first.stat().st_mtime_ns
+    assert stub_library() == first and first.stat().st_mtime_ns == mtime
+    assert first.stat().st_mode & 0o022 == 0
+    assert first.parent.stat().st_mode & 0o077 == 0
+
+
+def test_bootstrap_fits_its_slot_and_compiles():
+    params = {"result": "/x/r.json", "path": ["/a"], "expect_version": [3, 12], "marker": None}
+    source = bootstrap_source(params)
+    assert len(source.encode()) < SLOT_SIZE
+    compile(source, "<bootstrap>", "exec")
+    with pytest.raises(TypeError):
+        bootstrap_source({"result": object()})
