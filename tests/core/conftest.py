@@ -122,9 +122,9 @@ def _no_patch_leaks() -> Iterator[None]:
 # -- source of v1 definitions, for expect= -------------------------------------------
 
 
-def v1_def_source(scenario: str, target_qualname: str) -> str:
-    """The source (with decorators) of the def in v1.py that a target names."""
-    path = FIXTURES / scenario / "v1.py"
+def v1_def_source(scenario: str, target_qualname: str, version: str = "v1") -> str:
+    """The source (with decorators) of the def in v1.py (or v2.py) that a target names."""
+    path = FIXTURES / scenario / f"{version}.py"
     text = path.read_text()
     tree = ast.parse(text)
     parts = [p for p in target_qualname.split(".") if p != "<locals>"]
@@ -147,8 +147,6 @@ def v1_def_source(scenario: str, target_qualname: str) -> str:
                         continue
                 found = child
                 break
-            if isinstance(child, ast.Assign) and last and found is None:
-                continue
         assert found is not None, f"{target_qualname}: {part} not in {path}"
         node = found
     first = min([node.lineno, *(d.lineno for d in node.decorator_list)])

@@ -1,0 +1,183 @@
+"""expect=: the engine proves the live code is the code a patch was built against."""
+
+from __future__ import annotations
+
+import pytest
+
+import livepatch
+
+from .conftest import FIXTURES, Env, v1_def_source
+
+IMM = "immediate"
+
+SCENARIOS = sorted(p.name for p in FIXTURES.iterdir() if (p / "patch.py").exists())
+
+# targets whose v1 def has another name or place than the target's qualname
+V1_DEFS = {
+    ("closures", "add5"): "make_adder.add",
+    ("closures", "tick"): "make_counter.tick",
+}
+
+XFAIL = {"property": "FINDINGS #1"}
+
+
+def expect_v1(patch: livepatch.Patch, scenario: str) -> None:
+    for spec in patch.functions:
+        qualname = spec.target.partition(":")[2]
+        spec.expect = v1_def_source(scenario, V1_DEFS.get((scenario, qualname), qualname))
+
+
+def expect_v2(patch: livepatch.Patch, scenario: str) -> None:
+    for spec in patch.functions:
+        qualname = spec.target.partition(":")[2]
+        where = V1_DEFS.get((scenario, qualname), qualname)
+        spec.expect = v1_def_source(scenario, where, version="v2")
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        pytest.param(s, marks=pytest.mark.xfail(reason=XFAIL[s], strict=True))
+        if s in XFAIL else s
+        for s in SCENARIOS
+    ],
+)
+def test_expect_v1_source_verifies(env: Env, scenario: str) -> None:
+    m = env.module(scenario)
+    patch = env.patch(scenario, m)
+    expect_v1(patch, scenario)
+    plan = livepatch.plan(patch)
+    assert plan.changes and all(c.verified for c in plan.changes), plan.changes
+    assert not plan.notes
+    livepatch.apply(patch, model=IMM)
+    assert [p.name for p in livepatch.patches()] == [patch.name]
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        pytest.param(s, marks=pytest.mark.xfail(reason="FINDINGS #2", strict=True))
+        if s == "defaults" else s
+        for s in SCENARIOS
+    ],
+)
+def test_expect_v2_source_is_refused(env: Env, scenario: str) -> None:
+    m = env.module(scenario)
+    patch = env.patch(scenario, m)
+    expect_v2(patch, scenario)
+    with pytest.raises(livepatch.FingerprintMismatch) as info:
+        livepatch.plan(patch)
+    assert m.__name__ in str(info.value)
+    with pytest.raises(livepatch.FingerprintMismatch):
+        livepatch.apply(patch, model=IMM)
+    assert livepatch.patches() == []
+
+
+def test_sha256_fingerprint_of_live_code_verifies(env: Env) -> None:
+    m = env.module("plain_body")
+    twin = env.module("plain_body")  # same source, another module: same fingerprint
+    fp = livepatch.fingerprint(twin.price)
+    assert fp.startswith("sha256:") and len(fp) == 7 + 64
+    assert fp == livepatch.fingerprint(m.price)
+    assert fp == livepatch.fingerprint(m.price.__code__)
+    patch = env.patch("plain_body", m)
+    patch.functions[0].expect = fp
+    plan = livepatch.plan(patch)
+    assert plan.changes[0].verified
+    livepatch.apply(patch, model=IMM)
+    assert m.price(1) == 11
+
+
+def test_sha256_fingerprint_of_decorated_method_is_the_inner_body(env: Env) -> None:
+    m = env.module("decorated_wraps")
+    patch = env.patch("decorated_wraps", m)
+    inner = m.Service.run.__wrapped__
+    by_target = {
+        f"{m.__name__}:handle": m.handle.__wrapped__,
+        f"{m.__name__}:endpoint": m.endpoint.__wrapped__.__wrapped__,
+        f"{m.__name__}:Service.run": inner,
+    }
+    for spec in patch.functions:
+        spec.expect = livepatch.fingerprint(by_target[spec.target])
+    assert all(c.verified for c in livepatch.plan(patch).changes)
+    patch.functions[2].expect = livepatch.fingerprint(m.Service.run)  # the wrapper's
+    with pytest.raises(livepatch.FingerprintMismatch, match="Service.run"):
+        livepatch.plan(patch)
+
+
+def test_wrong_sha256_fingerprint_is_refused(env: Env) -> None:
+    m = env.module("plain_body")
+    patch = env.patch("plain_body", m)
+    patch.functions[0].expect = "sha256:" + "0" * 64
+    with pytest.raises(livepatch.FingerprintMismatch) as info:
+        livepatch.apply(patch, model=IMM)
+    message = str(info.value)
+    assert f"{m.__name__}:price" in message and "sha256:" + "0" * 64 in message
+    assert "\n" not in message
+    assert m.price(1) == 10
+
+
+def test_fingerprint_ignores_line_numbers_and_indentation(env: Env) -> None:
+    m = env.module("instances")
+    patch = env.patch("instances", m)
+    source = v1_def_source("instances", "Counter.step")
+    moved = "\n\n\n" + "\n".join("        " + line for line in source.splitlines())
+    patch.functions[0].expect = moved
+    assert livepatch.plan(patch).changes[0].verified
+
+
+def test_fingerprint_distinguishes_constants_of_equal_value(env: Env) -> None:
+    m = env.source_module(
+        """
+        def f():
+            return 1
+        """
+    )
+    patch = livepatch.Patch("consts")
+
+    @patch.function(f"{m.__name__}:f", expect="def f():\n    return 1.0\n")
+    def f() -> int:
+        return 2
+
+    with pytest.raises(livepatch.FingerprintMismatch):
+        livepatch.plan(patch)
+    patch.functions[0].expect = "def f():\n    return True\n"
+    with pytest.raises(livepatch.FingerprintMismatch):
+        livepatch.plan(patch)
+    patch.functions[0].expect = "def f():\n    return 1\n"
+    assert livepatch.plan(patch).changes[0].verified
+
+
+def test_no_expect_applies_and_plan_says_not_verified(env: Env) -> None:
+    m = env.module("plain_body")
+    patch = env.patch("plain_body", m)
+    plan = livepatch.plan(patch)
+    assert [c.verified for c in plan.changes] == [False]
+    assert "not verified" in plan.changes[0].note
+    assert any("not verified" in n for n in plan.notes)
+    assert m.price(1) == 10  # plan changes nothing
+    livepatch.apply(patch, model=IMM)
+    assert m.price(1) == 11
+
+
+def test_second_patch_may_expect_the_first_patchs_source(env: Env) -> None:
+    m = env.module("plain_body")
+    first = env.patch("plain_body", m)
+    livepatch.apply(first, model=IMM)
+    text = f"""
+        import livepatch
+        patch = livepatch.Patch("second")
+
+        @patch.function("{m.__name__}:price", expect='''
+        def price(n):
+            if n < 0:
+                raise ValueError("negative quantity")
+            return n * RATE + 1
+        ''')
+        def price(n):
+            return n * RATE + 2
+    """
+    second = livepatch.load(env.patch_text(text, m))
+    assert livepatch.plan(second).changes[0].verified
+    livepatch.apply(second, model=IMM)
+    assert m.price(1) == 12
