@@ -148,13 +148,13 @@ def write_patch(directory: Path, name: str, body: str) -> Path:
     return path
 
 
-GREET_FIX = '''import livepatch
+GREET_FIX = """import livepatch
 patch = livepatch.Patch("fix-greet", description="shout")
 
 @patch.function("greeter:greet")
 def greet(name):
     return "HELLO " + name
-'''
+"""
 
 
 def wait_for(condition: Any, *, timeout: float = 15.0, what: str = "condition") -> None:

@@ -17,9 +17,7 @@ from lp_harness import (
     GREET_FIX,
     cli,
     cli_json,
-    raw_connect,
     recv_frame,
-    send_frame,
     wait_for,
     write_patch,
 )
@@ -153,14 +151,14 @@ def test_stale_sockets_are_removed_and_reported(lp, make_target) -> None:
         zombie.close()
 
 
-SIDE_EFFECT_FIX = '''import livepatch, pathlib
+SIDE_EFFECT_FIX = """import livepatch, pathlib
 pathlib.Path("MARKER").write_text("executed")
 patch = livepatch.Patch("fix-greet", description="shout")
 
 @patch.function("greeter:greet")
 def greet(name):
     return "SIGNED " + name
-'''
+"""
 
 
 def test_signatures_are_required_once_a_key_is_trusted(lp, make_target) -> None:
