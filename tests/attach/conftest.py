@@ -32,11 +32,18 @@ def spawn(isolated_env: dict[str, str]) -> Iterator:  # type: ignore[type-arg]
     """spawn(version, mode, *args, env=...) starts the target program on that Python."""
     started: list[Target] = []
 
-    def start(version: str, mode: str, *args: str, env: dict[str, str] | None = None) -> Target:
+    def start(
+        version: str,
+        mode: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        options: tuple[str, ...] = (),
+    ) -> Target:
         python = find_python(version)
         if python is None:
             pytest.skip(f"python{version} is not installed")
-        target = Target([python, str(TARGET), mode, *args], {**isolated_env, **(env or {})})
+        argv = [python, *options, str(TARGET), mode, *args]
+        target = Target(argv, {**isolated_env, **(env or {})})
         started.append(target)
         return target
 

@@ -1,0 +1,186 @@
+"""`livepatch attach` refuses, before touching anything, every process it must not inject
+into; the refused process carries on as if nothing happened."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+from attach_targets import OURS, VERSIONS
+
+from livepatch.agent.attach import AttachRefused, attach
+
+pytestmark = pytest.mark.timeout(60)
+
+LIVEPATCH = Path(sys.executable).with_name("livepatch")
+
+
+def _untouched(pid: int) -> None:
+    """Still running, not traced, and no stub mapped."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    assert "\nTracerPid:\t0\n" in status
+    assert "State:\tZ" not in status
+    assert "stub-" not in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_non_python_process_is_refused_and_survives(isolated_env):
+    sleeper = subprocess.Popen(["sleep", "100"])
+    try:
+        time.sleep(0.05)  # let it exec, so /proc shows sleep and not our fork
+        with pytest.raises(AttachRefused, match="is not a Python process"):
+            attach(sleeper.pid, timeout=5)
+        done = subprocess.run(
+            [str(LIVEPATCH), "attach", str(sleeper.pid), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=isolated_env,
+        )
+        assert done.returncode == 1
+        out = json.loads(done.stdout)
+        assert out["ok"] is False and out["code"] == "attach-refused"
+        assert "not a Python process" in out["message"] and "\n" not in out["message"]
+        _untouched(sleeper.pid)
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait(timeout=10)
+    assert sleeper.returncode == -9  # it died of our kill, not of the attach
+
+
+def test_dead_pid_is_refused():
+    gone = subprocess.Popen(["true"])
+    gone.wait(timeout=10)
+    with pytest.raises(AttachRefused, match=f"no process with pid {gone.pid}"):
+        attach(gone.pid)
+
+
+def test_zombie_is_refused():
+    zombie = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 10
+        while "State:\tZ" not in Path(f"/proc/{zombie.pid}/status").read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(AttachRefused, match="has exited"):
+            attach(zombie.pid)
+    finally:
+        zombie.wait(timeout=10)
+
+
+def test_this_process_and_its_threads_are_refused():
+    with pytest.raises(AttachRefused, match=r"livepatch\.agent\.start\(\)"):
+        attach(os.getpid())
+    ready, leave = threading.Event(), threading.Event()
+    tid: list[int] = []
+
+    def worker() -> None:
+        tid.append(threading.get_native_id())
+        ready.set()
+        leave.wait(10)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        ready.wait(10)
+        with pytest.raises(AttachRefused, match=f"thread of process {os.getpid()}"):
+            attach(tid[0])
+    finally:
+        leave.set()
+        thread.join()
+
+
+def test_remote_debugging_disabled_by_environment_is_refused(spawn):
+    target = spawn(OURS, "sleep", env={"PYTHON_DISABLE_REMOTE_DEBUG": "1"})
+    with pytest.raises(AttachRefused, match="PYTHON_DISABLE_REMOTE_DEBUG"):
+        attach(target.pid, timeout=5)
+    _untouched(target.pid)
+    first = int(target.expect("tick").split()[1])
+    assert int(target.expect("tick").split()[1]) > first
+
+
+def test_remote_debugging_disabled_by_x_option_is_refused(spawn):
+    target = spawn(OURS, "sleep", options=("-X", "disable_remote_debug"))
+    with pytest.raises(AttachRefused, match="disable_remote_debug"):
+        attach(target.pid, timeout=5)
+    _untouched(target.pid)
+
+
+def test_unsupported_python_is_refused(spawn):
+    target = spawn("3.10", "sleep")
+    with pytest.raises(AttachRefused, match=r"older than 3\.11; livepatch supports 3\.11 to 3\.13"):
+        attach(target.pid, timeout=5)
+    _untouched(target.pid)
+    target.expect("tick")
+
+
+@pytest.mark.parametrize("other", [v for v in VERSIONS if v != OURS])
+def test_other_python_version_is_refused(spawn, other):
+    target = spawn(other, "sleep")
+    with pytest.raises(AttachRefused, match=f"runs Python {other}.*this livepatch runs on Python"):
+        attach(target.pid, timeout=5)
+    _untouched(target.pid)
+
+
+def test_process_of_another_user_is_refused_without_privilege(spawn):
+    if os.geteuid() != 0:
+        # unprivileged: init belongs to root, which is "another user" for us
+        with pytest.raises(AttachRefused, match="ptrace is not permitted"):
+            attach(1)
+        return
+    target = spawn(OURS, "sleep")
+    read_end, write_end = os.pipe()
+    with warnings.catch_warnings():
+        # the child only probes and exits: the threads it does not inherit do not matter
+        warnings.simplefilter("ignore", DeprecationWarning)
+        child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the forked child
+        message = "no refusal"
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            attach(target.pid, timeout=5)
+        except BaseException as exc:
+            message = f"{getattr(exc, 'code', type(exc).__name__)}|{exc}"
+        os.write(write_end, message.encode()[:4000])
+        os._exit(0)
+    os.close(write_end)
+    try:
+        assert select.select([read_end], [], [], 30)[0], "the unprivileged attach hung"
+        code, _, message = os.read(read_end, 4096).decode().partition("|")
+    finally:
+        os.close(read_end)
+        os.waitpid(child, 0)
+    assert code == "attach-refused", message
+    assert "ptrace is not permitted" in message and "uid 0" in message
+    _untouched(target.pid)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to hold a tracer")
+def test_process_already_traced_is_refused(spawn):
+    target = spawn(OURS, "sleep")
+    tracer = subprocess.Popen(
+        ["strace", "-qq", "-o", "/dev/null", "-p", str(target.pid)], stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while "\nTracerPid:\t0\n" in Path(f"/proc/{target.pid}/status").read_text():
+            assert time.monotonic() < deadline, "strace did not attach"
+            time.sleep(0.01)
+        with pytest.raises(AttachRefused, match=f"already being traced by process {tracer.pid}"):
+            attach(target.pid, timeout=5)
+    finally:
+        tracer.terminate()
+        tracer.wait(timeout=10)
+    target.expect("tick")
+    assert target.alive()
