@@ -17,7 +17,7 @@ import shop
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
-    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+    def do_GET(self) -> None:
         query = parse_qs(urlparse(self.path).query)
         try:
             body = shop.quote(query["item"][0], int(query.get("qty", ["1"])[0]))

@@ -1,0 +1,1 @@
+"""Interpreter startup hooks that start the agent (see `livepatch.agent.boot`)."""
