@@ -27,7 +27,7 @@ import ast
 import copy
 import linecache
 from dataclasses import dataclass
-from types import CodeType, FunctionType
+from types import CodeType, FunctionType, ModuleType
 from typing import Any
 
 from livepatch.errors import PatchError, UnsafeChange
@@ -48,15 +48,59 @@ class Context:
     freevars: tuple[str, ...]  # the target's co_freevars
     class_name: str | None  # innermost enclosing class, for private-name mangling
     flags: int  # __future__ flags of the target's module
+    #: names the target module binds by import at top level: CPython compiles
+    #: ``name.attr(...)`` differently (no LOAD_METHOD) when `name` came from an import
+    imports: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, code: CodeType, qualname: str) -> Context:
+    def of(cls, code: CodeType, qualname: str, module: ModuleType | None = None) -> Context:
         return cls(
             qualname=qualname,
             freevars=code.co_freevars,
             class_name=enclosing_class(qualname),
             flags=code.co_flags & _FUTURE_MASK,
+            imports=module_imports(module) if module is not None else (),
         )
+
+
+_imports_cache: dict[tuple[str, int], tuple[str, ...]] = {}
+
+
+def module_imports(module: ModuleType) -> tuple[str, ...]:
+    """Names bound by ``import`` statements at the top level of `module`'s source."""
+    filename = getattr(module, "__file__", None)
+    lines = linecache.getlines(filename, module.__dict__) if filename else []
+    if not lines:
+        # no source: names bound to modules are the imports we can still see
+        return tuple(sorted(k for k, v in vars(module).items() if isinstance(v, ModuleType)))
+    text = "".join(lines)
+    key = (filename or "", hash(text))
+    found = _imports_cache.get(key)
+    if found is None:
+        try:
+            tree = ast.parse(text)
+        except SyntaxError:
+            return ()
+        names: set[str] = set()
+        _collect_imports(tree.body, names)
+        found = _imports_cache[key] = tuple(sorted(names))
+    return found
+
+
+def _collect_imports(body: list[ast.stmt], names: set[str]) -> None:
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                if alias.name != "*":
+                    names.add(alias.asname or alias.name.split(".")[0])
+            continue
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.stmt):
+                _collect_imports([child], names)
+            elif isinstance(child, ast.ExceptHandler):
+                _collect_imports(child.body, names)
 
 
 def enclosing_class(qualname: str) -> str | None:
@@ -131,7 +175,14 @@ def _compile(node: FunctionNode, ctx: Context, filename: str, pad: tuple[str, ..
             **_type_params(),
         )
     cells = [n for n in ctx.freevars if not (ctx.class_name and n == "__class__")]
-    body: list[ast.stmt] = [
+    body: list[ast.stmt] = []
+    # The class (or def) statement binds its name in the synthetic function; without this
+    # a method naming its own class (``super(Cart, self)``) or a function calling itself
+    # would see a closure variable instead of the module global it sees in the target.
+    own = ctx.class_name or func.name
+    if own not in ctx.freevars:
+        body.append(ast.Global(names=[own]))
+    body += [
         ast.Assign(targets=[ast.Name(n, ast.Store())], value=ast.Constant(None)) for n in cells
     ]
     body.append(inner)
@@ -146,16 +197,26 @@ def _compile(node: FunctionNode, ctx: Context, filename: str, pad: tuple[str, ..
         returns=None,
         **_type_params(),
     )
-    module = ast.Module(body=[outer], type_ignores=[])
+    top: list[ast.stmt] = []
+    if ctx.imports:
+        # dead imports: the symbol table marks the names as imported, no code runs
+        top.append(
+            ast.If(
+                test=ast.Constant(0),
+                body=[ast.Import(names=[ast.alias(name=n)]) for n in ctx.imports],
+                orelse=[],
+            )
+        )
+    module = ast.Module(body=[*top, outer], type_ignores=[])
     _locate(module, line)
     try:
-        top = compile(module, filename, "exec", flags=ctx.flags, dont_inherit=True)
+        compiled = compile(module, filename, "exec", flags=ctx.flags, dont_inherit=True)
     except SyntaxError as exc:
         raise PatchError(
             f"{ctx.qualname}: the replacement does not compile in the target's context "
             f"({exc.msg}, {filename}:{exc.lineno}); fix the patch source"
         ) from None
-    found = _find_code(top, func.name, _CONTEXT_NAME)
+    found = _find_code(compiled, func.name, _CONTEXT_NAME)
     if found is None:  # pragma: no cover - the def is always compiled
         raise PatchError(f"{ctx.qualname}: internal error: compiled code not found")
     return _requalify(found, found.co_qualname, ctx.qualname)
@@ -187,13 +248,18 @@ def _locate(tree: ast.AST, line: int) -> None:
 
 
 def _find_code(code: CodeType, name: str, context: str) -> CodeType | None:
-    for const in code.co_consts:
-        if isinstance(const, CodeType):
-            if const.co_name == name and const.co_qualname.startswith(context):
-                return const
-            found = _find_code(const, name, context)
-            if found is not None:
-                return found
+    """The code of the def called `name` inside the synthetic `context` function."""
+    outer = next(
+        (c for c in code.co_consts if isinstance(c, CodeType) and c.co_name == context), None
+    )
+    queue = [outer] if outer is not None else []
+    while queue:  # breadth first: the def sits at depth one (or two, inside the class)
+        current = queue.pop(0)
+        for const in current.co_consts:
+            if isinstance(const, CodeType):
+                if const.co_name == name:
+                    return const
+                queue.append(const)
     return None
 
 

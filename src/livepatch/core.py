@@ -50,9 +50,10 @@ log = logging.getLogger("livepatch.core")
 LOCK = threading.RLock()
 
 # co_flags bits that make a function a generator, coroutine or async generator
-_KIND_FLAGS = 0x20 | 0x80 | 0x100 | 0x200
-_KIND_NAMES = {0: "function", 0x20: "generator", 0x80: "coroutine", 0x200: "async generator",
-               0x100: "iterable coroutine", 0x120: "iterable coroutine"}
+_KIND_FLAGS = 0x20 | 0x80 | 0x200
+_KIND_NAMES = {0: "function", 0x20: "generator", 0x80: "coroutine", 0x200: "async generator"}
+# set on a generator's code at run time by @types.coroutine, never by the compiler
+_CO_ITERABLE_COROUTINE = 0x100
 
 
 # -- the applied-patch list -----------------------------------------------------------
@@ -252,7 +253,7 @@ def _prepare(patch: Patch, spec: FunctionSpec) -> tuple[_Prepared, PlannedChange
     slot = _slot_for(target)
     original = slot.original.code
     live = slot.effective().code
-    ctx = codegen.Context.of(original, target.qualname)
+    ctx = codegen.Context.of(original, target.qualname, target.module)
 
     stray = [n for n in spec.replacement.__code__.co_freevars if n not in ctx.freevars]
     if stray:
@@ -274,6 +275,8 @@ def _prepare(patch: Patch, spec: FunctionSpec) -> tuple[_Prepared, PlannedChange
         _refuse_extra_decorators(spec, node)
         code = codegen.compile_function(node, ctx, filename)
 
+    if original.co_flags & _CO_ITERABLE_COROUTINE:
+        code = code.replace(co_flags=code.co_flags | _CO_ITERABLE_COROUTINE)
     old_kind = original.co_flags & _KIND_FLAGS
     new_kind = code.co_flags & _KIND_FLAGS
     if old_kind != new_kind:

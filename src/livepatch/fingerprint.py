@@ -20,6 +20,8 @@ from typing import Any
 # CO_NESTED says "compiled inside another function": true of our re-compilations in a
 # synthetic context, meaningless for behaviour.
 _CO_NESTED = 0x10
+# set by @types.coroutine at run time, never by the compiler
+_CO_ITERABLE_COROUTINE = 0x100
 _PREFIX = "sha256:"
 
 
@@ -30,15 +32,37 @@ def normal_form(code: CodeType) -> tuple[Any, ...]:
         code.co_argcount,
         code.co_posonlyargcount,
         code.co_kwonlyargcount,
-        code.co_flags & ~_CO_NESTED,
+        code.co_flags & ~(_CO_NESTED | _CO_ITERABLE_COROUTINE),
         code.co_code,
-        tuple(_normal_const(c) for c in code.co_consts),
+        tuple(_normal_const(c) for c in _consts(code)),
         code.co_names,
         code.co_varnames,
         code.co_freevars,
         code.co_cellvars,
         code.co_exceptiontable,
     )
+
+
+def _consts(code: CodeType) -> tuple[Any, ...]:
+    consts = code.co_consts
+    # A function's first constant is its docstring (or None) up to 3.13. Its indentation
+    # depends on where the source sat (3.13 strips it, earlier versions keep it, and
+    # expect= text is often dedented), so docstrings compare with white space folded.
+    if consts and isinstance(consts[0], str) and not code.co_name.startswith("<"):
+        consts = (" ".join(consts[0].split()), *consts[1:])
+    if "__firstlineno__" in code.co_names:
+        # 3.13 class bodies store their first line number as a constant
+        line = code.co_firstlineno
+        consts = tuple(_LINE if type(c) is int and c == line else c for c in consts)
+    return consts
+
+
+class _Line:
+    def __repr__(self) -> str:
+        return "<first line>"
+
+
+_LINE = _Line()
 
 
 def _normal_const(const: Any) -> Any:
