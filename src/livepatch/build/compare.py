@@ -1,0 +1,185 @@
+"""Comparing two versions of one function or class.
+
+The question kpatch-build asks of every section — "did this change, and if so, can the
+change be made live?" — asked of a ``def``. Comparison is on syntax trees without
+positions, so a body that only moved is unchanged (kpatch's ``__LINE__`` rule) and an edit
+to comments or layout is not a change. Edits that the compiled code does not see —
+docstrings and annotations — are classified separately so they can be reported rather
+than patched.
+
+What makes a changed function unpatchable is decided from the compiled code objects: a
+change of kind (function, generator, coroutine) or new free variables cannot be put into
+a live function object, whose callers and closure cells are already fixed.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import enum
+from dataclasses import dataclass
+
+from livepatch.build.model import FunctionNode, FunctionUnit, is_docstring
+
+_KIND_FLAGS = 0x20 | 0x80 | 0x100 | 0x200
+_KIND_NAMES = {0: "function", 0x20: "generator", 0x80: "coroutine", 0x200: "async generator"}
+
+
+class Status(enum.Enum):
+    SAME = "unchanged"
+    FORMATTING = "formatting or comments only"
+    DOCSTRING = "docstring only"
+    ANNOTATIONS = "annotations only"
+    CHANGED = "changed"
+
+
+def dump(node: ast.AST | list[ast.AST] | None) -> str:
+    if node is None:
+        return ""
+    if isinstance(node, list):
+        return "[" + ", ".join(ast.dump(n) for n in node) + "]"
+    return ast.dump(node)
+
+
+def _without_decorators(node: FunctionNode) -> FunctionNode:
+    clone = copy.copy(node)
+    clone.decorator_list = []
+    return clone
+
+
+def strip_docstrings(node: ast.AST) -> ast.AST:
+    clone = copy.deepcopy(node)
+    for child in ast.walk(clone):
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            if child.body and is_docstring(child.body[0]):
+                child.body = child.body[1:] or [ast.Pass()]
+    return clone
+
+
+def strip_annotations(node: ast.AST) -> ast.AST:
+    """Remove what the compiled code of a function never evaluates: its own annotations
+    and those of local variables (nested defs' annotations do run, so they stay)."""
+    clone = copy.deepcopy(node)
+    if isinstance(clone, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        args = clone.args
+        for arg in [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]:
+            if arg is not None:
+                arg.annotation = None
+        clone.returns = None
+        for child in ast.walk(clone):
+            if isinstance(child, ast.AnnAssign):
+                child.annotation = ast.Constant(None)
+    return clone
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: Status
+    problem: str | None = None  # why a change cannot be made live (kind, free variables)
+    problem_kind: str | None = None  # "kind" | "freevars" | "decorator" | "signature"
+
+
+def kind_name(unit: FunctionUnit) -> str:
+    if unit.code is None:
+        return "async function" if isinstance(unit.node, ast.AsyncFunctionDef) else "function"
+    return _KIND_NAMES.get(unit.code.co_flags & _KIND_FLAGS, "function")
+
+
+def compare_functions(old: FunctionUnit, new: FunctionUnit) -> Verdict:
+    """Classify the change from `old` to `new` and name what makes it unpatchable."""
+    if dump(old.node.decorator_list) != dump(new.node.decorator_list):
+        return Verdict(
+            Status.CHANGED,
+            "its decorators changed, and the live decorator keeps running",
+            "decorator",
+        )
+    old_bare, new_bare = _without_decorators(old.node), _without_decorators(new.node)
+    if dump(old_bare) == dump(new_bare):
+        return Verdict(Status.SAME)
+    if type(old.node) is not type(new.node) or kind_name(old) != kind_name(new):
+        return Verdict(
+            Status.CHANGED,
+            f"it changed from a {kind_name(old)} to a {kind_name(new)}, and live callers "
+            "depend on the kind",
+            "kind",
+        )
+    if old.code is not None and new.code is not None:
+        added = sorted(set(new.code.co_freevars) - set(old.code.co_freevars))
+        if added:
+            return Verdict(
+                Status.CHANGED,
+                f"the new code closes over {', '.join(added)}, which the live function "
+                "does not: a live closure cannot gain cells",
+                "freevars",
+            )
+    old_doc, new_doc = strip_docstrings(old_bare), strip_docstrings(new_bare)
+    if dump(old_doc) == dump(new_doc):
+        return Verdict(Status.DOCSTRING)
+    if dump(strip_annotations(old_doc)) == dump(strip_annotations(new_doc)):
+        return Verdict(Status.ANNOTATIONS)
+    problem = signature_problem(old.node.args, new.node.args)
+    if problem:
+        return Verdict(Status.CHANGED, problem, "signature")
+    return Verdict(Status.CHANGED)
+
+
+def signature_problem(old: ast.arguments, new: ast.arguments) -> str | None:
+    """Why callers written for `old` could break with `new`; None when every call still binds.
+
+    Allowed: new parameters with defaults, new ``*args``/``**kwargs``, a positional-only
+    parameter becoming positional-or-keyword, a new default. Everything else is a break.
+    """
+    old_pos = [*old.posonlyargs, *old.args]
+    new_pos = [*new.posonlyargs, *new.args]
+    old_first_default = len(old_pos) - len(old.defaults)
+    new_first_default = len(new_pos) - len(new.defaults)
+    if len(new_pos) < len(old_pos):
+        removed = ", ".join(a.arg for a in old_pos[len(new_pos) :])
+        return f"positional parameter(s) {removed} removed"
+    for i, before in enumerate(old_pos):
+        after = new_pos[i]
+        old_posonly = i < len(old.posonlyargs)
+        new_posonly = i < len(new.posonlyargs)
+        if not old_posonly and (new_posonly or before.arg != after.arg):
+            return f"parameter {before.arg!r} renamed or made positional-only"
+        if i >= old_first_default and i < new_first_default:
+            return f"parameter {before.arg!r} lost its default"
+    for i in range(len(old_pos), len(new_pos)):
+        if i < new_first_default:
+            return f"new parameter {new_pos[i].arg!r} has no default"
+        if old.vararg is not None:
+            return f"new positional parameter {new_pos[i].arg!r} would take *{old.vararg.arg}"
+    if old.vararg is not None and new.vararg is None:
+        return f"*{old.vararg.arg} removed"
+    if old.kwarg is not None and new.kwarg is None:
+        return f"**{old.kwarg.arg} removed"
+    new_kw = {a.arg: d for a, d in zip(new.kwonlyargs, new.kw_defaults, strict=True)}
+    new_named = {a.arg for a in new.args} | set(new_kw)
+    for arg, default in zip(old.kwonlyargs, old.kw_defaults, strict=True):
+        if arg.arg not in new_named:
+            return f"keyword parameter {arg.arg!r} removed"
+        if default is not None and arg.arg in new_kw and new_kw[arg.arg] is None:
+            return f"keyword parameter {arg.arg!r} lost its default"
+    old_kw = {a.arg for a in old.kwonlyargs}
+    for arg, default in zip(new.kwonlyargs, new.kw_defaults, strict=True):
+        if arg.arg not in old_kw and default is None and arg.arg not in {a.arg for a in old_pos}:
+            return f"new keyword parameter {arg.arg!r} has no default"
+        if arg.arg in {a.arg for a in old_pos}:
+            return f"parameter {arg.arg!r} became keyword-only"
+    return None
+
+
+def skeleton(node: FunctionNode, nested: list[FunctionNode]) -> str:
+    """The function with the bodies of its nested defs blanked: equal skeletons mean only
+    nested functions changed, so they can be patched on their own."""
+    ids = {id(n) for n in nested}
+    clone = copy.deepcopy(_without_decorators(node))
+    originals = [n for n in ast.walk(node) if id(n) in ids]
+    copies = [n for n in ast.walk(clone) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    # deepcopy keeps the walk order, so match by position among defs
+    all_defs = [n for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    for original, twin in zip(all_defs, copies, strict=True):
+        if id(original) in ids:
+            twin.body = [ast.Pass()]
+    del originals
+    return dump(clone)

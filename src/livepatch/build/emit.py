@@ -1,0 +1,225 @@
+"""Emitting the patch file: the same format a developer would write by hand.
+
+The output is meant to be read before it is applied, so it is plain Python in a fixed
+shape: a header listing every change carried (and why it is safe) and everything left
+alone; then, module by module, the names the file takes from the live module, the imports
+and values the new code needs (``patch.new``), changed constants under their new names,
+new helpers, and one ``@patch.function`` per replaced function, with the old source as
+``expect=`` so the engine refuses a process that runs anything else.
+
+Everything is ordered by module name and source position, so the same input gives
+byte-identical output.
+"""
+
+from __future__ import annotations
+
+import ast
+
+from livepatch.build.analysis import DataRebind, Item, ModulePlan, Replacement
+from livepatch.build.model import ImportBinding
+from livepatch.build.segments import def_text, expr_text
+
+_DATA_NEW = "_lp_new_data"
+_DATA_OLD = "_lp_old_data"
+_SYS = "_lp_sys"
+
+
+def string_literal(text: str, indent: str = "    ") -> str:
+    """A literal for `text`: raw and triple-quoted when that reads back exactly (its value
+    then starts with a newline, which ``expect=`` ignores), else one line per source line."""
+    return _literal(text, indent)
+
+
+def _literal(text: str, indent: str) -> str:
+    printable = all(ch.isprintable() or ch in "\n\t" for ch in text)
+    if printable and "\r" not in text and not text.endswith("\\"):
+        for quote in ("'''", '"""'):
+            if quote in text or text.endswith(quote[0]):
+                continue
+            candidate = f"r{quote}\n{text}{quote}"
+            try:
+                if ast.literal_eval(candidate) == "\n" + text:
+                    return candidate
+            except (SyntaxError, ValueError):
+                continue
+    lines = text.splitlines(keepends=True) or [""]
+    body = "".join(f"{indent}    {line!r}\n" for line in lines)
+    return f"(\n{body}{indent})"
+
+
+def patch_variable(taken: set[str]) -> str:
+    name = "patch"
+    while name in taken:
+        name += "_"
+    return name
+
+
+def header(
+    old_label: str,
+    new_label: str,
+    changes: list[Item],
+    notes: list[Item],
+) -> list[str]:
+    out = [
+        "# Live patch built by `livepatch build`. Review it before applying:",
+        "# every replaced function checks (expect=) that the process runs the old source.",
+        "#",
+        f"# old: {old_label}",
+        f"# new: {new_label}",
+        "#",
+    ]
+    if changes:
+        out.append("# Changes carried by this patch (and why each is safe to make live):")
+        out.extend(f"#   {_one_line(item.text())}" for item in changes)
+    else:
+        out.append("# No code changes to carry.")
+    if notes:
+        out.append("#")
+        out.append("# Reported and left alone:")
+        out.extend(f"#   {_one_line(item.text())}" for item in notes)
+    return out
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def import_lines(binding: ImportBinding) -> list[str]:
+    if binding.attr is not None:
+        alias = "" if binding.attr == binding.name else f" as {binding.name}"
+        return [f"from {binding.module} import {binding.attr}{alias}"]
+    if binding.binds_top:
+        return [f"import {binding.module}"]
+    top = binding.module
+    alias = "" if top == binding.name else f" as {binding.name}"
+    return [f"import {binding.module}{alias}"]
+
+
+def module_section(
+    plan: ModulePlan, patch_var: str, expects: dict[str, str]
+) -> list[str]:
+    """The lines for one module; `expects` maps each target to its expect= literal text."""
+    new, module = plan.new, plan.new.name
+    out = ["", "", f"# == {module} ({new.path}) " + "=" * max(3, 70 - len(module) - len(new.path))]
+    if plan.live_names:
+        names = ", ".join(sorted(plan.live_names))
+        out += [
+            "",
+            "# values the definitions below evaluate when this file loads (defaults, constants),",
+            "# taken from the live module so they are the very objects it holds",
+            _wrap_import(module, sorted(plan.live_names)) if len(names) > 60 else
+            f"from {module} import {names}",
+        ]
+    if plan.imports:
+        out += ["", "# imports the new code needs; the live module gets the same names"]
+        for binding in sorted(plan.imports, key=lambda b: (b.line, b.name)):
+            out += import_lines(binding)
+            out.append(f'{patch_var}.new("{module}:{binding.name}", {binding.name})')
+    if plan.constants:
+        out += [
+            "",
+            "# changed constants: the new code reads them under new names, old code keeps the",
+            "# old values (kpatch: changed data becomes a new symbol)",
+        ]
+        for constant in plan.constants:
+            value = expr_text(new, constant.unit.value, constant.edits)
+            out.append(f"{constant.name} = {value}")
+            out.append(f'{patch_var}.new("{module}:{constant.name}", {constant.name})')
+    if plan.values:
+        out += ["", "# new values the new code needs"]
+        for item in sorted(plan.values, key=lambda v: v.unit.line):
+            value = expr_text(new, item.unit.value, item.edits)
+            out.append(f"{item.unit.name} = {value}")
+            out.append(f'{patch_var}.new("{module}:{item.unit.name}", {item.unit.name})')
+    for helper in plan.helpers:
+        out += ["", "", f'@{patch_var}.new("{helper.target}")']
+        out += def_text(new, helper.unit.node).rstrip("\n").split("\n")
+    for rep in plan.replacements:
+        out += ["", ""]
+        scope = _scope_names(rep)
+        pad = "    " if scope else ""
+        if scope:
+            # `nonlocal` needs an enclosing function even here; the engine compiles the
+            # def in the live function's own context, these placeholders only let it load
+            holder = "_lp_scope_" + rep.target.partition(":")[2].replace(".<locals>.", "_")
+            holder = holder.replace(".", "_")
+            out.append(f"def {holder}():")
+            out += [f"    {name} = None" for name in scope]
+        out += [f"{pad}@{patch_var}.function(", f'{pad}    "{rep.target}",']
+        out.append(f"{pad}    expect={expects[rep.target]},")
+        out.append(f"{pad})")
+        out += def_text(new, rep.new.node, rep.edits, pad).rstrip("\n").split("\n")
+        if scope:
+            out += ["", "", f"{holder}()"]
+    if plan.rebinds:
+        out += ["", "# new values for data rebound by the callbacks at the end of this file"]
+        for rebind in plan.rebinds:
+            value = expr_text(new, rebind.unit.value)
+            out.append(f'{_DATA_NEW}["{_key(module, rebind)}"] = {value}')
+    return out
+
+
+def _scope_names(rep: Replacement) -> list[str]:
+    if rep.new.code is None or not rep.new.code.co_freevars:
+        return []
+    if not any(isinstance(n, ast.Nonlocal) for n in ast.walk(rep.new.node)):
+        return []
+    return [n for n in rep.new.code.co_freevars if n != "__class__"]
+
+
+def _wrap_import(module: str, names: list[str]) -> str:
+    body = "".join(f"    {n},\n" for n in names)
+    return f"from {module} import (\n{body})"
+
+
+def _key(module: str, rebind: DataRebind) -> str:
+    owner = f"{rebind.owner}." if rebind.owner else ""
+    return f"{module}:{owner}{rebind.unit.name}"
+
+
+def data_prelude() -> list[str]:
+    return ["", f"import sys as {_SYS}", "", f"{_DATA_NEW}: dict = {{}}", f"{_DATA_OLD}: dict = {{}}"]
+
+
+def data_callbacks(plans: list[ModulePlan], patch_var: str) -> list[str]:
+    rebinds = [(p.new.name, r) for p in plans for r in p.rebinds]
+    if not rebinds:
+        return []
+    out = [
+        "",
+        "",
+        "# == data (--allow-data): REVIEW ===================================================",
+        "",
+        "",
+        f"@{patch_var}.post_patch",
+        "def _lp_rebind_data():",
+        '    """REVIEW: rebind changed data to the new version\'s values.',
+        "",
+        "    Old and new code both see the new values from here on; code that copied the old",
+        "    object (``from m import NAME``, an instance attribute) keeps the old one.",
+        '    """',
+    ]
+    for module, rebind in rebinds:
+        holder = _holder(module, rebind)
+        key = _key(module, rebind)
+        name = rebind.unit.name
+        out.append(f'    {_DATA_OLD}["{key}"] = getattr({holder}, "{name}")')
+        out.append(f'    setattr({holder}, "{name}", {_DATA_NEW}["{key}"])')
+    out += [
+        "",
+        "",
+        f"@{patch_var}.post_unpatch",
+        "def _lp_restore_data():",
+        '    """Put the old values back (after a revert, or a reversed transition)."""',
+    ]
+    for module, rebind in rebinds:
+        holder = _holder(module, rebind)
+        key = _key(module, rebind)
+        out.append(f'    if "{key}" in {_DATA_OLD}:')
+        out.append(f'        setattr({holder}, "{rebind.unit.name}", {_DATA_OLD}.pop("{key}"))')
+    return out
+
+
+def _holder(module: str, rebind: DataRebind) -> str:
+    path = "".join(f".{part}" for part in rebind.owner.split(".")) if rebind.owner else ""
+    return f'{_SYS}.modules["{module}"]{path}'
