@@ -41,7 +41,14 @@ from livepatch.build.model import (
     ModuleModel,
     decorator_name,
 )
-from livepatch.build.names import Edit, Usage, expression_edits, expression_reads, rename_edits, usage
+from livepatch.build.names import (
+    Edit,
+    Usage,
+    expression_edits,
+    expression_reads,
+    rename_edits,
+    usage,
+)
 from livepatch.build.refusal import Hint, Reason, Refusal
 from livepatch.build.values import ValueKind, classify
 
@@ -213,7 +220,9 @@ class ModuleAnalysis:
             Refusal(path, line, self._name(what), reason, detail, hint)
         )
 
-    def note(self, line: int, what: str, kind: NoteKind, detail: str = "", old: bool = False) -> None:
+    def note(
+        self, line: int, what: str, kind: NoteKind, detail: str = "", old: bool = False
+    ) -> None:
         path = self.old.path if old else self.new.path
         self.outcome.notes.append(Item(path, line, self._name(what), kind, detail))
 
@@ -436,8 +445,7 @@ class ModuleAnalysis:
             self._compare_class_data(old, new, fields_class)
 
     def _compare_members(self, old: ClassUnit, new: ClassUnit) -> None:
-        members = lambda c: {k: dump(v.value) for k, v in c.data.items() if not k.startswith("_")}  # noqa: E731
-        if members(old) != members(new):
+        if _members(old) != _members(new):
             self.refuse(new.line, new.qualname, Reason.ENUM, "its members changed; live "
                         "members are singletons other code holds", Hint.UPGRADE)
 
@@ -550,11 +558,6 @@ class ModuleAnalysis:
         for name, unit in old.data.items():
             if name not in new.data and name not in new.bindings:
                 self.note(unit.line, name, NoteKind.REMOVED, old=True)
-        for name, unit in new.data.items():
-            if name in old.data:
-                continue
-            if name not in old.bindings:
-                continue  # handled with the other new names, once we know who needs them
         self._refuse_unchanged_readers_of(changed)
 
     def _refuse_unchanged_readers_of(self, changed: dict[str, DataUnit]) -> None:
@@ -693,15 +696,15 @@ class ModuleAnalysis:
                             f"from {binding.module}" if binding.attr else "")
                 continue
             if name in new.data:
-                unit = new.data[name]
-                kind = self.value_kind(unit.value)
+                value = new.data[name]
+                kind = self.value_kind(value.value)
                 if kind in (ValueKind.IMMUTABLE, ValueKind.MUTABLE):
-                    self.plan.values.append(NewValue(unit, []))
+                    self.plan.values.append(NewValue(value, []))
                     provided.add(name)
-                    pending |= expression_reads(unit.value)
-                    self.change(unit.line, name, ChangeKind.VALUE)
+                    pending |= expression_reads(value.value)
+                    self.change(value.line, name, ChangeKind.VALUE)
                 else:
-                    self.refuse(unit.line, name, Reason.NOT_UNDERSTOOD,
+                    self.refuse(value.line, name, Reason.NOT_UNDERSTOOD,
                                 f"the new code needs {name}, whose value is a "
                                 f"{kind.value} the builder will not run", Hint.CALLBACK)
                 continue
@@ -719,9 +722,9 @@ class ModuleAnalysis:
                 self.refuse(self._line_of(name), name, Reason.NOT_UNDERSTOOD,
                             f"the new code needs {name}, which the new version binds in a way "
                             "the builder does not follow", Hint.UPGRADE)
-        for name, unit in new.data.items():
+        for name, data in new.data.items():
             if name not in old.bindings and name not in provided:
-                self.note(unit.line, name, NoteKind.UNUSED_NEW)
+                self.note(data.line, name, NoteKind.UNUSED_NEW)
         for name, binding in new.imports.items():
             if name not in old.bindings and name not in provided:
                 self.note(binding.line, name, NoteKind.UNUSED_NEW)
@@ -739,7 +742,7 @@ class ModuleAnalysis:
                 self.note(binding.line, name, NoteKind.REMOVED, old=True)
         for qualname, cls in self.new_classes.items():
             if "." not in qualname and not any(
-                r.target == qualname for r in self.outcome.refusals
+                r.what == self._name(qualname) for r in self.outcome.refusals
             ):
                 self.note(cls.line, qualname, NoteKind.UNUSED_NEW, "new class")
 
@@ -874,6 +877,10 @@ def _has_fields(node: ast.ClassDef) -> bool:
     if any(decorator_name(d) in _FIELD_DECORATORS for d in node.decorator_list):
         return True
     return any(decorator_name(b).split(".")[-1] in _FIELD_BASES for b in node.bases)
+
+
+def _members(cls: ClassUnit) -> dict[str, str]:
+    return {k: dump(v.value) for k, v in cls.data.items() if not k.startswith("_")}
 
 
 def _descends(target: str, ancestor: str, model: ModuleModel) -> bool:

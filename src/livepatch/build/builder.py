@@ -171,7 +171,7 @@ def build_trees(
                 refusals.append(exc.refusal)
     if refusals:
         raise BuildRefused(refusals)
-    key = lambda item: (item.path, item.line, item.what, item.kind.name)  # noqa: E731
+    key = lambda item: (item.path, item.line, item.what, item.kind.name)
     changes.sort(key=key)
     notes.sort(key=key)
     patch_name = name or f"build-{digest.hexdigest()[:10]}"
@@ -277,7 +277,7 @@ def _check_replacement(new: ModuleModel, rep: Replacement) -> None:
     try:
         compiled = codegen.compile_function(node, ctx, "<replacement>")
     except PatchError as exc:
-        raise _unreproducible(new, rep, f"it does not compile in the live context: {exc}")
+        raise _unreproducible(new, rep, f"it does not compile live: {exc}") from None
     if old_code.co_freevars == new_code.co_freevars and not same_code(compiled, new_code):
         raise _unreproducible(new, rep, "the replacement does not compile to the new code "
                               "(the builder cannot reproduce it)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import copy
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from livepatch.build.model import FunctionNode, FunctionUnit, is_docstring
@@ -33,10 +34,10 @@ class Status(enum.Enum):
     CHANGED = "changed"
 
 
-def dump(node: ast.AST | list[ast.AST] | None) -> str:
+def dump(node: ast.AST | Sequence[ast.AST] | None) -> str:
     if node is None:
         return ""
-    if isinstance(node, list):
+    if not isinstance(node, ast.AST):
         return "[" + ", ".join(ast.dump(n) for n in node) + "]"
     return ast.dump(node)
 
@@ -174,12 +175,10 @@ def skeleton(node: FunctionNode, nested: list[FunctionNode]) -> str:
     nested functions changed, so they can be patched on their own."""
     ids = {id(n) for n in nested}
     clone = copy.deepcopy(_without_decorators(node))
-    originals = [n for n in ast.walk(node) if id(n) in ids]
     copies = [n for n in ast.walk(clone) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
     # deepcopy keeps the walk order, so match by position among defs
     all_defs = [n for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
     for original, twin in zip(all_defs, copies, strict=True):
         if id(original) in ids:
             twin.body = [ast.Pass()]
-    del originals
     return dump(clone)

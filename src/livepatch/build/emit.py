@@ -178,7 +178,13 @@ def _key(module: str, rebind: DataRebind) -> str:
 
 
 def data_prelude() -> list[str]:
-    return ["", f"import sys as {_SYS}", "", f"{_DATA_NEW}: dict = {{}}", f"{_DATA_OLD}: dict = {{}}"]
+    return [
+        "",
+        f"import sys as {_SYS}",
+        "",
+        f"{_DATA_NEW}: dict = {{}}",
+        f"{_DATA_OLD}: dict = {{}}",
+    ]
 
 
 def data_callbacks(plans: list[ModulePlan], patch_var: str) -> list[str]:

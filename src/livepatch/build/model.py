@@ -285,9 +285,9 @@ class _Cutter:
             if kind == "several":
                 model.data.pop(name, None)
                 model.imports.pop(name, None)
-                for unit in model.functions.values():
-                    if unit.target == name:
-                        unit.duplicate = True
+                for func in model.functions.values():
+                    if func.target == name:
+                        func.duplicate = True
                 if name in model.classes:
                     model.classes[name].duplicate = True
 

@@ -54,8 +54,7 @@ def _body_nodes(node: FunctionNode) -> Iterable[ast.AST]:
             stack.extend(current.decorator_list)
             stack.extend(_default_nodes(current.args))
             stack.extend(current.body)
-            for a in [*current.args.posonlyargs, *current.args.args, *current.args.kwonlyargs]:
-                yield a
+            yield from [*current.args.posonlyargs, *current.args.args, *current.args.kwonlyargs]
             continue
         stack.extend(ast.iter_child_nodes(current))
 

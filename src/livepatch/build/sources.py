@@ -79,7 +79,7 @@ def _read(path: Path) -> str:
 
 
 def _python_files(folder: Path) -> list[Path]:
-    found = []
+    found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
         found.extend(Path(dirpath, f) for f in sorted(filenames) if f.endswith(".py"))
