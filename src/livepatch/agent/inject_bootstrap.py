@@ -55,10 +55,24 @@ def _bootstrap(params: dict[str, Any], main_ident: int) -> None:  # pragma: no c
         except OSError:
             pass  # the attaching process gave up and removed its directory
 
+    def forget_helper(ident: int, was_known: bool) -> None:
+        # threading.current_thread() in this helper (starting the agent's thread calls it)
+        # registers a _DummyThread that would be listed forever after the helper exits
+        threading = sys.modules.get("threading")
+        if threading is None or was_known:
+            return
+        with threading._active_limbo_lock:  # type: ignore[attr-defined]
+            record = threading._active.get(ident)  # type: ignore[attr-defined]
+            if isinstance(record, threading._DummyThread):  # type: ignore[attr-defined]
+                del threading._active[ident]  # type: ignore[attr-defined]
+
     try:
         import _thread
 
         repaired = False
+        me = _thread.get_ident()
+        known = sys.modules.get("threading")
+        was_known = known is not None and me in known._active  # type: ignore[attr-defined]
         if "threading" not in sys.modules:
             import threading
 
@@ -87,6 +101,7 @@ def _bootstrap(params: dict[str, Any], main_ident: int) -> None:  # pragma: no c
         marker = params.get("marker")
         if marker:
             # used by the tests of the injection itself: proves the bootstrap ran, no agent
+            forget_helper(me, was_known)
             report(ok=True, pid=os.getpid(), marker=marker, repaired=repaired)
             return
         for entry in params["path"]:
@@ -100,6 +115,7 @@ def _bootstrap(params: dict[str, Any], main_ident: int) -> None:  # pragma: no c
             from livepatch.agent import paths
 
             socket = paths.socket_path(os.getpid())
+        forget_helper(me, was_known)
         report(
             ok=True,
             pid=os.getpid(),
