@@ -1,0 +1,428 @@
+"""Dispatch: per-task choice between the old and the new version while a transition runs.
+
+During a ``two_universe`` or ``hybrid`` transition every live function object of the
+patch runs a *trampoline* instead of its own code. The trampoline asks which universe the
+calling task is in and calls a clone of the old or the new version (a ``FunctionType``
+built on that version's code with the live function's globals and closure cells, so both
+share every variable). When the transition completes the engine installs the new code
+directly and the trampoline is gone: no steady-state cost.
+
+The trampoline must have the same free variables as the function it sits in (CPython
+refuses a ``__code__`` whose free-variable count differs from the closure), so it is
+compiled per set of free-variable names: a dead ``if 0: (a, b)`` reference makes them free
+without using them. Its state comes through the one keyword-only default
+``__livepatch__`` (a tuple), so the fast path is one frame and no global lookup.
+
+**The rule** (what makes "no stack runs old and new at once" hold): a call dispatches to
+the version of the *nearest enclosing frame on the current stack that runs any version of
+a function of the patch*; if there is none (the stack is clean), to the universe of the
+task. A task's universe only matters when its stack is clean, so switching a clean task
+is always safe; the hard part is doing without the stack walk on the fast path.
+
+**Fast path** (lock-free; three loads and one C call): taken when no flag in
+:attr:`Universe.slow` is up and the calling thread hosts no task behind the goal
+(:attr:`Universe.behind_threads`). Such a task holds no frame of the non-goal version:
+it was checked clean when it switched (or started after the trampolines went in), and the
+only way to reach a non-goal frame afterwards is to resume a generator or coroutine that
+runs one — and while any such object exists, the ``lingering`` flag is up and every call
+takes the slow path (they are all known: the ones that existed before the transition are
+found by a garbage-collector scan, the ones created since were created here).
+
+**Slow path**: walk the stack (``f_back``) for the nearest patched frame; if none, look up
+the task's record: behind the goal in ``hybrid`` means "a call into the patch made from a
+clean stack" — switch it now; in ``two_universe`` it keeps its universe until a safe point.
+
+Every mutation of records, flags and registries happens under :attr:`Universe.lock`;
+the fast path and :func:`Universe.slow_call`'s reads are the named lock-free paths (a
+dict/set membership test is atomic under the GIL).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import threading
+import types
+import weakref
+from dataclasses import dataclass, field
+from types import CodeType, FrameType, FunctionType
+from typing import Any
+
+from livepatch import tasks
+from livepatch.errors import UnsafeChange
+from livepatch.redirect import KEEP, Version
+
+OLD, NEW = 0, 1
+_KIND_FLAGS = 0x20 | 0x80 | 0x200  # generator, coroutine, async generator
+STATE_NAME = "__livepatch__"
+
+_templates: dict[tuple[str, ...], CodeType] = {}
+_templates_lock = threading.Lock()
+
+
+def _template(freevars: tuple[str, ...]) -> CodeType:
+    """The trampoline code for this tuple of free-variable names."""
+    with _templates_lock:
+        code = _templates.get(freevars)
+        if code is not None:
+            return code
+        bind = f"    {' = '.join(freevars)} = None\n" if freevars else ""
+        use = f"        if 0: ({', '.join(freevars)},)\n" if freevars else ""
+        source = (
+            "def __lp_ctx__():\n"
+            f"{bind}"
+            f"    def __lp_trampoline__(*__lp_a, {STATE_NAME}, **__lp_k):\n"
+            f"{use}"
+            f"        __lp_s, __lp_b, __lp_i, __lp_f, __lp_p = {STATE_NAME}\n"
+            "        if not __lp_s and __lp_i() not in __lp_b:\n"
+            "            return __lp_f(*__lp_a, **__lp_k)\n"
+            "        return __lp_p(__lp_a, __lp_k)\n"
+            "    return __lp_trampoline__\n"
+        )
+        outer = compile(source, "<livepatch dispatch>", "exec").co_consts[0]
+        inner = next(c for c in outer.co_consts if isinstance(c, CodeType))
+        if inner.co_freevars != freevars:
+            raise UnsafeChange(
+                f"cannot build a dispatch trampoline for free variables {freevars}; "
+                "use model='stop' or 'immediate' for this patch"
+            )
+        _templates[freevars] = inner
+        return inner
+
+
+def trampoline_for(func: FunctionType) -> CodeType:
+    code = func.__code__
+    base = _template(code.co_freevars)
+    return base.replace(co_name=code.co_name, co_qualname=code.co_qualname)
+
+
+@dataclass(eq=False)
+class Record:
+    """One task known to the transition, and the universe it is in."""
+
+    info: tasks.TaskInfo
+    side: int
+    #: frames that kept it from switching the last time it was checked
+    blocking: list[str] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Entry:
+    """One live function object under dispatch."""
+
+    func: FunctionType
+    versions: tuple[Version, Version]
+    clones: tuple[FunctionType, FunctionType]
+    makes_gen: tuple[bool, bool]
+    saved_defaults: Any
+    saved_kwdefaults: Any
+    trampoline: CodeType
+
+
+def _clone(func: FunctionType, version: Version, defaults: Any, kwdefaults: Any) -> FunctionType:
+    d = defaults if version.defaults is KEEP else version.defaults
+    kw = kwdefaults if version.kwdefaults is KEEP else version.kwdefaults
+    clone = types.FunctionType(version.code, func.__globals__, func.__name__, d, func.__closure__)
+    clone.__kwdefaults__ = dict(kw) if kw else None
+    clone.__qualname__ = func.__qualname__
+    clone.__module__ = func.__module__
+    return clone
+
+
+class Universe:
+    """The dispatch state of one transition: trampolines, task records, universes."""
+
+    def __init__(self, changes: list[Any], *, hybrid: bool) -> None:
+        self.changes = changes
+        self.hybrid = hybrid
+        self.goal = NEW
+        self.lock = threading.RLock()
+        #: any key here sends every call down the slow path: "installing", "reversing",
+        #: "scanning", "lingering", "unbound"
+        self.slow: dict[str, bool] = {}
+        #: idents of threads hosting a task that is behind the goal
+        self.behind_threads: set[int] = set()
+        self.records: dict[Any, Record] = {}
+        #: id(code) → side, for every version of every function of the patch
+        self.sides: dict[int, int] = {}
+        #: generators/coroutines of each side created while dispatching (or found by a
+        #: scan): id → weak reference
+        self.gens: tuple[dict[int, Any], dict[int, Any]] = ({}, {})
+        self.entries: list[_Entry] = []
+        self.total = 0
+        self.installed = False
+        for change in changes:
+            self.sides[id(change.old.code)] = OLD
+            self.sides[id(change.new.code)] = NEW
+
+    # -- installing and removing trampolines ------------------------------------------
+
+    def install(self, caller_frame: FrameType | None) -> None:
+        """Put trampolines in, then record every existing task as behind (old universe).
+
+        Runs with :attr:`lock` held throughout: a task calling a trampolined function
+        before it knows its record waits on the lock (``installing`` flag) instead of
+        guessing its universe.
+        """
+        with self.lock:
+            self.slow["installing"] = True
+            try:
+                for change in self.changes:
+                    for func in change.slot.funcs:
+                        self._install_one(func, change.old, change.new)
+                self.installed = True
+                caller = tasks.current_key()
+                for info in tasks.all_tasks():
+                    if info.key == caller and self._clean(caller_frame):
+                        continue  # the caller is at a safe point: it starts in the new universe
+                    self.records[info.key] = Record(info, OLD)
+                self.total = len(self.records) + 1
+                self._recompute_behind()
+                if self._gen_codes(OLD):
+                    self.slow["scanning"] = True
+            finally:
+                self.slow.pop("installing", None)
+
+    def _install_one(self, func: FunctionType, old: Version, new: Version) -> None:
+        defaults, kwdefaults = func.__defaults__, func.__kwdefaults__
+        clones = (_clone(func, old, defaults, kwdefaults), _clone(func, new, defaults, kwdefaults))
+        entry = _Entry(
+            func,
+            (old, new),
+            clones,
+            (bool(old.code.co_flags & _KIND_FLAGS), bool(new.code.co_flags & _KIND_FLAGS)),
+            defaults,
+            kwdefaults,
+            trampoline_for(func),
+        )
+        state = self._state(entry)
+        # Three stores with no call or backward jump between them: no other thread can
+        # run in between (the GIL is only handed over at those points).
+        func.__code__ = entry.trampoline
+        func.__defaults__ = None
+        func.__kwdefaults__ = {STATE_NAME: state}
+        self.entries.append(entry)
+
+    def _state(self, entry: _Entry) -> tuple[Any, ...]:
+        slow_call = functools.partial(self.slow_call, entry)
+        return (self.slow, self.behind_threads, tasks.get_ident, entry.clones[self.goal],
+                slow_call)
+
+    def remove(self, side: int) -> None:
+        """Install `side`'s version directly on every function (dispatch ends)."""
+        with self.lock:
+            for entry in self.entries:
+                version = entry.versions[side]
+                d = entry.saved_defaults if version.defaults is KEEP else version.defaults
+                kw = entry.saved_kwdefaults if version.kwdefaults is KEEP else version.kwdefaults
+                func = entry.func
+                func.__code__ = version.code
+                func.__defaults__ = d
+                func.__kwdefaults__ = dict(kw) if kw else None
+            self.entries = []
+            self.installed = False
+
+    # -- the slow path ---------------------------------------------------------------------
+
+    def slow_call(self, entry: _Entry, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # frame 0: here; 1: the trampoline (functools.partial adds no frame); 2: the caller
+        side = self.nearest(sys._getframe(2))
+        if side is None:
+            side = self._side_of_caller()
+        fn = entry.clones[side]
+        if not entry.makes_gen[side] or side == self.goal:
+            return fn(*args, **kwargs)
+        # A generator/coroutine of the non-goal version: from now until it is gone, any
+        # task may resume it, so the fast path is off (see the module docstring).
+        with self.lock:
+            self.slow["lingering"] = True
+            obj = fn(*args, **kwargs)
+            self._register(obj, side)
+        return obj
+
+    def nearest(self, frame: FrameType | None) -> int | None:
+        """The side of the nearest frame running a version of the patch, if any."""
+        sides = self.sides
+        while frame is not None:
+            side = sides.get(id(frame.f_code))
+            if side is not None:
+                return side
+            frame = frame.f_back
+        return None
+
+    def _side_of_caller(self) -> int:
+        key = tasks.current_key()
+        rec = self.records.get(key)
+        if rec is None and ("installing" in self.slow or "reversing" in self.slow):
+            with self.lock:  # wait for the enumeration to finish, then look again
+                rec = self.records.get(key)
+        if rec is None or rec.side == self.goal:
+            return self.goal
+        if self.hybrid:
+            return self.switch(rec)  # a call into the patch from a clean stack
+        return rec.side
+
+    def switch(self, rec: Record) -> int:
+        """Move `rec` to the goal (its stack is known clean); returns the goal."""
+        with self.lock:
+            if rec.side != self.goal:
+                rec.side = self.goal
+                rec.blocking = []
+                self._recompute_behind()
+            return self.goal
+
+    def _clean(self, frame: FrameType | None) -> bool:
+        other = 1 - self.goal
+        sides = self.sides
+        return all(sides.get(id(f.f_code)) != other for f in tasks.walk(frame))
+
+    def safepoint(self, frame: FrameType | None) -> bool:
+        """The calling task declares a safe point; switch it if its stack is clean."""
+        rec = self.records.get(tasks.current_key())
+        if rec is None or rec.side == self.goal:
+            return True
+        if not self._clean(frame):
+            return False
+        self.switch(rec)
+        return True
+
+    # -- generators and coroutines ---------------------------------------------------------
+
+    def _register(self, obj: Any, side: int) -> None:
+        registry = self.gens[side]
+        key = id(obj)
+
+        def gone(ref: Any, registry: dict[int, Any] = registry, key: int = key) -> None:
+            if registry.get(key) is ref:
+                registry.pop(key, None)
+
+        try:
+            registry[key] = weakref.ref(obj, gone)
+        except TypeError:  # not weak-referenceable: keep it until it finishes
+            registry[key] = lambda obj=obj: obj
+
+    def _gen_codes(self, side: int) -> list[CodeType]:
+        """Code of every generator/coroutine/async-generator version on `side`."""
+        codes = [c.old.code if side == OLD else c.new.code for c in self.changes]
+        return [code for code in codes if code.co_flags & _KIND_FLAGS]
+
+    def scan(self) -> int:
+        """Find generators/coroutines of the non-goal side that predate the dispatch."""
+        if "scanning" not in self.slow:
+            return 0
+        other = 1 - self.goal
+        found = tasks.suspended_with(self._gen_codes(other))
+        with self.lock:
+            for obj in found:
+                self._register(obj, other)
+            if self.gens[other]:
+                self.slow["lingering"] = True
+            self.slow.pop("scanning", None)
+        return len(found)
+
+    def lingering(self) -> list[Any]:
+        """Live generators/coroutines of the non-goal side that still hold a frame."""
+        out = []
+        for ref in list(self.gens[1 - self.goal].values()):
+            obj = ref()
+            if obj is not None and tasks.frame_of(obj) is not None:
+                out.append(obj)
+        return out
+
+    def prune(self) -> list[Any]:
+        """Forget finished generators; drop the ``lingering`` flag when none is left."""
+        with self.lock:
+            registry = self.gens[1 - self.goal]
+            alive = []
+            for key, ref in list(registry.items()):
+                obj = ref()
+                if obj is None or tasks.frame_of(obj) is None:
+                    registry.pop(key, None)
+                else:
+                    alive.append(obj)
+            if not alive and "scanning" not in self.slow:
+                self.slow.pop("lingering", None)
+            return alive
+
+    # -- checking and switching tasks from outside ----------------------------------------
+
+    def check_all(self, *, switch: bool) -> None:
+        """Look at every task behind the goal: forget dead ones, switch clean ones
+        (``switch=True``: hybrid), note what blocks the others."""
+        other = 1 - self.goal
+        sides = self.sides
+        with self.lock:
+            snapshot = sys._current_frames()
+            for key, rec in list(self.records.items()):
+                if rec.side == self.goal:
+                    continue
+                if not tasks.is_alive(rec.info, snapshot):
+                    rec.side = self.goal  # a task that ended holds nothing
+                    rec.blocking = []
+                    continue
+                if not rec.info.is_thread:
+                    rec.info.thread = tasks.loop_thread(key.get_loop())
+                frames = tasks.frames_of(rec.info, snapshot)
+                bad = [f for f in frames if sides.get(id(f.f_code)) == other]
+                if bad:
+                    rec.blocking = [tasks.describe(f) for f in bad]
+                elif switch:
+                    rec.side = self.goal
+                    rec.blocking = []
+                else:
+                    rec.blocking = ["(waiting for a safe point)"]
+            del snapshot
+            self._recompute_behind()
+
+    def _recompute_behind(self) -> None:
+        behind = set()
+        unbound = False
+        for rec in self.records.values():
+            if rec.side != self.goal:
+                if rec.info.thread is None:
+                    unbound = True
+                else:
+                    behind.add(rec.info.thread)
+        if unbound:
+            self.slow["unbound"] = True
+        # add first, then drop: a thread that must stay behind is never missing
+        self.behind_threads.update(behind)
+        self.behind_threads.difference_update(self.behind_threads - behind)
+        if not unbound:
+            self.slow.pop("unbound", None)
+
+    def behind(self) -> list[Record]:
+        return [r for r in self.records.values() if r.side != self.goal]
+
+    def switched(self) -> int:
+        return self.total - len(self.behind())
+
+    def done(self) -> bool:
+        return not self.behind() and not self.prune() and "scanning" not in self.slow
+
+    # -- reversing -------------------------------------------------------------------------
+
+    def reverse(self, caller_frame: FrameType | None) -> None:
+        """Flip the goal: tasks that reached the new universe must go back."""
+        with self.lock:
+            self.slow["reversing"] = True
+            try:
+                before = self.goal
+                caller = tasks.current_key()
+                for info in tasks.all_tasks():
+                    self.records.setdefault(info.key, Record(info, before))
+                self.goal = 1 - before
+                rec = self.records.get(caller)
+                if rec is not None and rec.side != self.goal and self._clean(caller_frame):
+                    rec.side = self.goal
+                for entry in self.entries:
+                    state = self._state(entry)
+                    entry.func.__kwdefaults__ = {STATE_NAME: state}
+                self.total = len(self.records)
+                self._recompute_behind()
+                if self._gen_codes(1 - self.goal):
+                    self.slow["scanning"] = True
+                    self.slow["lingering"] = True
+            finally:
+                self.slow.pop("reversing", None)
+

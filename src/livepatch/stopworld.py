@@ -1,0 +1,238 @@
+"""Stopping the world: park every other thread so stacks can be checked and code swapped.
+
+``sys.setswitchinterval`` does not do it (threads already waiting for the GIL keep their
+timeout and still force a hand-off; a huge interval starves the patching thread). What
+does: make every other thread call back into us at its next *event* and block there.
+
+* Python 3.12+: ``sys.monitoring`` with a free tool id and the events ``PY_START``,
+  ``PY_RESUME``, ``PY_RETURN``, ``PY_YIELD``, ``PY_UNWIND``, ``PY_THROW``, ``JUMP`` and
+  ``CALL``. ``set_events`` instruments the code every thread is executing right away, so a
+  thread spinning in a loop parks at its next backward jump.
+* Python 3.11: a C-level trace function installed in every other thread's state with
+  ``_PyEval_SetTrace`` (through ctypes; it is what debuggers use to attach), so each
+  thread parks at its next ``call``/``line``/``return`` event.
+
+A parked thread blocks on a gate lock without the GIL. A thread blocked in a C call
+(I/O, a lock, ``sleep``) cannot park until it returns; when it does, it runs at most a few
+bytecodes of its current frame before its next event — it can neither enter nor leave a
+function — so its stack, as the checker saw it, stays what it was until the world resumes.
+
+While the world is parked the patching thread must not take any lock another thread might
+hold (logging's included) nor run user code, so :func:`parked` disables the garbage
+collector (finalizers are user code) for the duration, and callers log after it returns.
+"""
+
+from __future__ import annotations
+
+import _thread
+import ctypes
+import gc
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from livepatch.errors import PatchError
+
+_TOOL_NAME = "livepatch-stop"
+_monitoring: Any = getattr(sys, "monitoring", None)
+
+#: held by the patching thread for the length of a pause; parked threads block on it
+_gate = _thread.allocate_lock()
+#: serialises pauses (one stopper at a time)
+_pause_lock = threading.Lock()
+_active = False
+_patcher = 0
+#: idents of the threads parked right now (dict: atomic under the GIL)
+_parked: dict[int, bool] = {}
+_get_ident = _thread.get_ident
+
+
+def _park() -> None:
+    ident = _get_ident()
+    _parked[ident] = True
+    try:
+        _gate.acquire()
+        _gate.release()
+    finally:
+        _parked.pop(ident, None)
+
+
+def _on_event(*args: Any) -> Any:
+    # Runs in every thread at every armed event while a pause is on; returns at once in
+    # the patching thread and whenever no pause is active.
+    if _active and _get_ident() != _patcher:
+        _park()
+    return None
+
+
+@dataclass
+class Pause:
+    """What one pause measured."""
+
+    #: seconds from arming to resuming (what other threads saw, at least)
+    duration: float = 0.0
+    #: seconds spent waiting for runnable threads to reach a parking event
+    settle: float = 0.0
+    #: threads parked when the check started / threads other than the patcher
+    parked: int = 0
+    others: int = 0
+    mechanism: str = ""
+
+
+class _Monitoring:
+    """3.12+: sys.monitoring events with one free tool id."""
+
+    name = "sys.monitoring"
+
+    def __init__(self) -> None:
+        self.tool: int | None = None
+
+    def arm(self) -> None:
+        mon = _monitoring
+        for tool in (3, 4, 2, 1, 0, 5):
+            try:
+                mon.use_tool_id(tool, _TOOL_NAME)
+            except ValueError:
+                continue
+            self.tool = tool
+            break
+        else:
+            raise PatchError("every sys.monitoring tool id is taken; use model='hybrid'")
+        ev = mon.events
+        events = [ev.PY_START, ev.PY_RESUME, ev.PY_RETURN, ev.PY_YIELD, ev.PY_UNWIND,
+                  ev.PY_THROW, ev.JUMP, ev.CALL]
+        mask = 0
+        for event in events:
+            mon.register_callback(self.tool, event, _on_event)
+            mask |= event
+        mon.set_events(self.tool, mask)
+
+    def disarm(self) -> None:
+        mon = _monitoring
+        if self.tool is None:
+            return
+        mon.set_events(self.tool, 0)
+        ev = mon.events
+        for event in (ev.PY_START, ev.PY_RESUME, ev.PY_RETURN, ev.PY_YIELD, ev.PY_UNWIND,
+                      ev.PY_THROW, ev.JUMP, ev.CALL):
+            mon.register_callback(self.tool, event, None)
+        mon.free_tool_id(self.tool)
+        self.tool = None
+
+
+_TRACEFUNC = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p
+)
+
+
+def _trace_cb(obj: Any, frame: Any, what: int, arg: Any) -> int:
+    if _active and _get_ident() != _patcher:
+        _park()
+    return 0
+
+
+_c_trace = _TRACEFUNC(_trace_cb)
+
+
+class _TraceHooks:
+    """3.11: a C trace function set in every other thread's state."""
+
+    name = "per-thread trace hooks"
+
+    def __init__(self) -> None:
+        api = ctypes.pythonapi
+        api.PyInterpreterState_Main.restype = ctypes.c_void_p
+        api.PyInterpreterState_ThreadHead.restype = ctypes.c_void_p
+        api.PyInterpreterState_ThreadHead.argtypes = [ctypes.c_void_p]
+        api.PyThreadState_Next.restype = ctypes.c_void_p
+        api.PyThreadState_Next.argtypes = [ctypes.c_void_p]
+        api.PyThreadState_Get.restype = ctypes.c_void_p
+        api._PyEval_SetTrace.restype = ctypes.c_int
+        api._PyEval_SetTrace.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        self.api = api
+        self.armed: list[int] = []
+
+    def _others(self) -> list[int]:
+        api = self.api
+        me = api.PyThreadState_Get()
+        out = []
+        ts = api.PyInterpreterState_ThreadHead(api.PyInterpreterState_Main())
+        while ts:
+            if ts != me:
+                out.append(ts)
+            ts = api.PyThreadState_Next(ts)
+        return out
+
+    def arm(self) -> None:
+        func = ctypes.cast(_c_trace, ctypes.c_void_p).value
+        for ts in self._others():
+            if self.api._PyEval_SetTrace(ts, func, id(None)) == 0:
+                self.armed.append(ts)
+
+    def disarm(self) -> None:
+        # only thread states that still exist: a thread may have ended meanwhile
+        alive = set(self._others())
+        for ts in self.armed:
+            if ts in alive:
+                self.api._PyEval_SetTrace(ts, None, None)
+        self.armed = []
+
+
+def mechanism() -> str:
+    return _Monitoring.name if _monitoring is not None else _TraceHooks.name
+
+
+@contextmanager
+def parked(settle: float = 0.02) -> Iterator[Pause]:
+    """Park every other thread for the body of the ``with`` block.
+
+    Waits up to `settle` seconds for the threads that can run to reach a parking event
+    (it stops early once every other thread is parked, or once no more park for a while:
+    the rest are blocked in C calls and cannot change their stacks).
+    """
+    global _active, _patcher
+    pause = Pause(mechanism=mechanism())
+    hooks: _Monitoring | _TraceHooks = _Monitoring() if _monitoring is not None else _TraceHooks()
+    with _pause_lock:
+        gc_enabled = gc.isenabled()
+        gc.disable()
+        _gate.acquire()
+        t0 = time.perf_counter()
+        _patcher = _get_ident()
+        _active = True
+        try:
+            hooks.arm()
+            pause.others = max(len(sys._current_frames()) - 1, 0)
+            stable, last, deadline = 0, -1, t0 + settle
+            while len(_parked) < pause.others and time.perf_counter() < deadline:
+                time.sleep(0.0001)  # hand the GIL over: runnable threads reach an event
+                count = len(_parked)
+                stable = stable + 1 if count == last else 0
+                last = count
+                if stable >= 4:
+                    break
+            pause.settle = time.perf_counter() - t0
+            pause.parked = len(_parked)
+            yield pause
+        finally:
+            _active = False
+            _gate.release()
+            try:
+                hooks.disarm()
+            finally:
+                pause.duration = time.perf_counter() - t0
+                if gc_enabled:
+                    gc.enable()
+
+
+def parked_threads() -> int:
+    return len(_parked)
+
+
+def other_threads() -> list[threading.Thread]:
+    me = threading.get_ident()
+    return [t for t in threading.enumerate() if t.ident != me]

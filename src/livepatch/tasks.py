@@ -1,0 +1,211 @@
+"""Tasks: who runs Python in this process, and what is on their stacks.
+
+The kernel's unit of patch state is the task. Ours is either an OS thread running Python
+or an asyncio ``Task``: many asyncio tasks share one loop thread, yet each one is a
+separate logical stack (its coroutine chain) that must switch from old to new code on its
+own. This module answers three questions for the consistency models:
+
+* *who am I?* — :func:`current_key`: the asyncio Task running on this thread, else the
+  thread ident. Two C calls and a dict lookup, so the dispatch path can afford it.
+* *who is there?* — :func:`all_tasks`: every live thread (``sys._current_frames``) and every
+  pending asyncio Task, with the thread that hosts it (a Task's loop thread).
+* *what does each hold?* — :func:`thread_frames`, :func:`task_frames`,
+  :func:`suspended_with` (generators and coroutines whose frame runs given code, found
+  through the garbage collector: a suspended frame lives inside its generator object).
+
+Frames are described as ``file:line in function`` (:func:`describe`) for reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import sys
+import threading
+import types
+from asyncio import tasks as _atasks
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from types import CodeType, FrameType
+from typing import Any
+
+# asyncio keeps "the task running on each loop" in a dict (C-accelerated on all of
+# 3.11 to 3.13); reading it is how we tell tasks on one loop thread apart without a call.
+_current_tasks: dict[Any, Any] = getattr(_atasks, "_current_tasks", {})
+_get_running_loop = asyncio._get_running_loop
+get_ident = threading.get_ident
+
+#: Key of a task: an ``asyncio.Task`` object or a thread ident (int).
+TaskKey = Any
+
+
+def current_key() -> TaskKey:
+    """The calling task: the running asyncio Task, else the thread ident."""
+    loop = _get_running_loop()
+    if loop is not None:
+        task = _current_tasks.get(loop)
+        if task is not None:
+            return task
+    return get_ident()
+
+
+@dataclass(eq=False)
+class TaskInfo:
+    """One task as seen from outside: its key, a readable name, its hosting thread."""
+
+    key: TaskKey
+    name: str
+    #: ident of the thread that runs it (a Task: its loop's thread; None if that loop is
+    #: not running right now)
+    thread: int | None
+
+    @property
+    def is_thread(self) -> bool:
+        return isinstance(self.key, int)
+
+
+def _asyncio_tasks() -> list[asyncio.Task[Any]]:
+    # 3.11 registers every Task in ``_all_tasks``; 3.12+ split them into
+    # ``_scheduled_tasks`` (a WeakSet) and ``_eager_tasks`` (a set). Copy with list():
+    # another thread may add tasks while we iterate.
+    found: list[asyncio.Task[Any]] = []
+    for name in ("_all_tasks", "_scheduled_tasks", "_eager_tasks"):
+        bucket = getattr(_atasks, name, None)
+        if bucket is None:
+            continue
+        for _ in range(3):
+            try:
+                found.extend(list(bucket))
+                break
+            except RuntimeError:  # "set changed size during iteration": try again
+                continue
+    return [t for t in found if not t.done()]
+
+
+def loop_thread(loop: Any) -> int | None:
+    """The ident of the thread running `loop`, None if it is not running."""
+    ident = getattr(loop, "_thread_id", None)  # BaseEventLoop sets it while running
+    return ident if isinstance(ident, int) else None
+
+
+def thread_names() -> dict[int, str]:
+    return {t.ident: t.name for t in threading.enumerate() if t.ident is not None}
+
+
+def all_tasks() -> list[TaskInfo]:
+    """Every live thread and every pending asyncio Task."""
+    names = thread_names()
+    out = [
+        TaskInfo(ident, f"thread {names.get(ident, '?')} ({ident})", ident)
+        for ident in sys._current_frames()
+    ]
+    for task in _asyncio_tasks():
+        out.append(TaskInfo(task, f"task {task.get_name()}", loop_thread(task.get_loop())))
+    return out
+
+
+def is_alive(info: TaskInfo, threads: Iterable[int]) -> bool:
+    if info.is_thread:
+        return info.key in threads
+    return not info.key.done()
+
+
+def walk(frame: FrameType | None) -> Iterator[FrameType]:
+    """`frame` and every frame below it (callers), innermost first."""
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
+def thread_frames(ident: int, snapshot: dict[int, FrameType]) -> list[FrameType]:
+    return list(walk(snapshot.get(ident)))
+
+
+def chain(obj: Any) -> Iterator[Any]:
+    """A coroutine/generator and everything it awaits or delegates to, outermost first."""
+    seen = 0
+    while obj is not None and seen < 10_000:
+        yield obj
+        seen += 1
+        nxt = getattr(obj, "cr_await", None)
+        if nxt is None:
+            nxt = getattr(obj, "gi_yieldfrom", None)
+        if nxt is None:
+            nxt = getattr(obj, "ag_await", None)
+        obj = nxt
+
+
+def frame_of(obj: Any) -> FrameType | None:
+    for attr in ("cr_frame", "gi_frame", "ag_frame"):
+        frame = getattr(obj, attr, None)
+        if frame is not None:
+            return frame  # type: ignore[no-any-return]
+    return None
+
+
+def task_frames(
+    info: TaskInfo, snapshot: dict[int, FrameType]
+) -> list[FrameType]:
+    """Every frame an asyncio Task holds: its coroutine chain, and when it is the task
+    running on its loop thread right now, that thread's whole stack too."""
+    task = info.key
+    frames = [f for f in (frame_of(c) for c in chain(task.get_coro())) if f is not None]
+    loop = task.get_loop()
+    if _current_tasks.get(loop) is task and info.thread is not None:
+        frames.extend(walk(snapshot.get(info.thread)))
+    return frames
+
+
+def frames_of(info: TaskInfo, snapshot: dict[int, FrameType]) -> list[FrameType]:
+    if info.is_thread:
+        return thread_frames(info.key, snapshot)
+    return task_frames(info, snapshot)
+
+
+_GEN_TYPES = (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType)
+
+
+def suspended_with(codes: Iterable[CodeType]) -> list[Any]:
+    """Generators, coroutines and async generators whose frame runs one of `codes`.
+
+    A suspended (or not yet started) generator keeps its frame inside the generator
+    object, and the garbage collector sees it refer to its code: ``gc.get_referrers`` on
+    the code objects finds them all, wherever they are stored. Cost: one pass over the
+    objects the collector tracks, so callers only ask for codes of generator kinds.
+    """
+    wanted = set(codes)
+    if not wanted:
+        return []
+    found = []
+    for obj in gc.get_referrers(*wanted):
+        if isinstance(obj, _GEN_TYPES):
+            frame = frame_of(obj)
+            if frame is not None and frame.f_code in wanted:
+                found.append(obj)
+    return found
+
+
+def describe(frame: FrameType) -> str:
+    code = frame.f_code
+    name = getattr(code, "co_qualname", code.co_name)
+    return f"{code.co_filename}:{frame.f_lineno} in {name}"
+
+
+def describe_gen(obj: Any) -> str:
+    frame = frame_of(obj)
+    kind = type(obj).__name__
+    where = describe(frame) if frame is not None else "finished"
+    return f"{kind} {getattr(obj, '__qualname__', '?')} suspended at {where}"
+
+
+def owner_of(gens: list[Any], tasks: list[TaskInfo]) -> dict[int, TaskInfo]:
+    """Which asyncio Task drives each of `gens` (by id), when one does."""
+    wanted = {id(g) for g in gens}
+    owners: dict[int, TaskInfo] = {}
+    for info in tasks:
+        if info.is_thread:
+            continue
+        for obj in chain(info.key.get_coro()):
+            if id(obj) in wanted:
+                owners[id(obj)] = info
+    return owners
