@@ -43,7 +43,6 @@ class LivepatchEnv:
         env.update(
             LIVEPATCH_SOCKET_DIR=str(self.socket_dir),
             LIVEPATCH_STATE_DIR=str(self.state_dir),
-            PYTHONDONTWRITEBYTECODE="1",
         )
         self.env = env
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from lp_harness import GREET_FIX, cli, cli_json, wait_for, write_patch
 
-LAZY_FIX = '''import livepatch
+LAZY_FIX = """import livepatch
 patch = livepatch.Patch("fix-lazy", description="new answer")
 
 @patch.function("lazymod:answer")
 def answer():
     return "lazy-new"
-'''
+"""
 
 
 def test_a_process_started_later_comes_up_with_recorded_patches(lp, make_target) -> None:

@@ -10,6 +10,7 @@ message tells whether the process is still there.
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,11 @@ class AgentClient:
             ) from None
 
     def _lost(self) -> LostConnection:
+        # An exiting process closes its sockets before it becomes a zombie: give it a
+        # moment so the message can say which of the two happened.
+        deadline = time.monotonic() + 0.5
+        while discovery.process_info(self.pid) is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
         if discovery.process_info(self.pid) is None:
             return LostConnection(
                 f"process {self.pid} exited before the agent answered; nothing more to do there"
