@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = Path(__file__).with_name("fixtures") / "target.py"
@@ -29,7 +30,7 @@ OURS = f"{sys.version_info[0]}.{sys.version_info[1]}"
 class Target:
     """A running target program; `expect()` waits for a line of its output."""
 
-    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], **popen: Any) -> None:
         self.proc = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
@@ -37,6 +38,7 @@ class Target:
             stderr=subprocess.PIPE,
             text=True,
             env=env,
+            **popen,
         )
         self.pid = self.proc.pid
         self.lines: queue.Queue[str] = queue.Queue()

@@ -4,13 +4,16 @@ its socket, and the program keeps running; a second attach finds it running."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from attach_targets import OURS
+from attach_targets import OURS, TARGET, Target
 
 from livepatch.agent import discovery
 from livepatch.agent.attach import AttachFailed, attach
@@ -103,3 +106,36 @@ def test_attach_reports_a_target_holding_the_gil_and_the_agent_comes_later(spawn
             time.sleep(0.05)
     assert _hello(target.pid, str(socket))["pid"] == target.pid
     target.expect("tick")
+
+
+SYSTEM_PYTHON = Path(f"/usr/bin/python{OURS}")
+NOBODY = 65534
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a target as another user")
+@pytest.mark.skipif(
+    not SYSTEM_PYTHON.exists(), reason=f"needs {SYSTEM_PYTHON}, which another user can run"
+)
+def test_root_attaches_to_a_process_of_another_user(isolated_env):
+    # the target cannot read our private staging directory unless attach hands it over
+    home = Path(tempfile.mkdtemp(prefix="livepatch-nobody-"))
+    os.chown(home, NOBODY, NOBODY)
+    env = {
+        **isolated_env,
+        "HOME": str(home),
+        "LIVEPATCH_SOCKET_DIR": str(home / "sockets"),
+        "LIVEPATCH_STATE_DIR": str(home / "state"),
+        "LIVEPATCH_AUDIT_LOG": str(home / "audit.jsonl"),
+    }
+    argv = [str(SYSTEM_PYTHON), str(TARGET), "sleep"]
+    target = Target(argv, env, user=NOBODY, group=NOBODY, extra_groups=[])
+    try:
+        result = attach(target.pid, timeout=20)
+        socket = Path(result.socket_path)
+        assert socket.parent == home / "sockets" and socket.stat().st_uid == NOBODY
+        assert _hello(target.pid, result.socket_path)["pid"] == target.pid
+        target.expect("tick")
+        assert target.stderr == []
+    finally:
+        target.stop()
+        shutil.rmtree(home, ignore_errors=True)
