@@ -257,7 +257,8 @@ def _find_code(code: CodeType, name: str, context: str) -> CodeType | None:
         current = queue.pop(0)
         for const in current.co_consts:
             if isinstance(const, CodeType):
-                if const.co_name == name:
+                # CO_OPTIMIZED: a function, not a class body of the same name
+                if const.co_name == name and const.co_flags & 0x1:
                     return const
                 queue.append(const)
     return None

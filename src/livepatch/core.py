@@ -17,6 +17,8 @@ caller waits for a transition. Read-only views (:func:`patches`) take it briefly
 
 from __future__ import annotations
 
+import ast
+import dis
 import linecache
 import logging
 import os
@@ -59,6 +61,9 @@ _CO_ITERABLE_COROUTINE = 0x100
 # -- the applied-patch list -----------------------------------------------------------
 
 
+_MISSING: Any = object()
+
+
 @dataclass(eq=False)
 class _Added:
     """A name a patch added to a module or class (``patch.new``)."""
@@ -67,14 +72,24 @@ class _Added:
     name: str
     value: Any
     target: str
+    #: what the name held before (a superseded patch's value), restored on removal
+    previous: Any = _MISSING
 
     def install(self) -> None:
+        self.previous = self.holder.__dict__.get(self.name, _MISSING)
         setattr(self.holder, self.name, self.value)
 
     def remove(self) -> None:
         # only if it is still ours: the application may have rebound the name since
-        if self.holder.__dict__.get(self.name) is self.value:
+        if self.holder.__dict__.get(self.name, _MISSING) is not self.value:
+            return
+        if self.previous is _MISSING:
             delattr(self.holder, self.name)
+        else:
+            setattr(self.holder, self.name, self.previous)
+
+    def same_name(self, other: _Added) -> bool:
+        return self.holder is other.holder and self.name == other.name
 
 
 @dataclass(eq=False)
@@ -253,7 +268,8 @@ def _prepare(patch: Patch, spec: FunctionSpec) -> tuple[_Prepared, PlannedChange
     slot = _slot_for(target)
     original = slot.original.code
     live = slot.effective().code
-    ctx = codegen.Context.of(original, target.qualname, target.module)
+    # the code's own qualname: `Box.size.fset` names the setter, whose code is `Box.size`
+    ctx = codegen.Context.of(original, original.co_qualname, target.module)
 
     stray = [n for n in spec.replacement.__code__.co_freevars if n not in ctx.freevars]
     if stray:
@@ -277,6 +293,13 @@ def _prepare(patch: Patch, spec: FunctionSpec) -> tuple[_Prepared, PlannedChange
 
     if original.co_flags & _CO_ITERABLE_COROUTINE:
         code = code.replace(co_flags=code.co_flags | _CO_ITERABLE_COROUTINE)
+    hidden = sorted(_global_names(code) & target.enclosing_locals)
+    if hidden:
+        raise UnsafeChange(
+            f"{spec.target}: the new code uses {', '.join(hidden)}, a local of the enclosing "
+            "function that the live closure does not capture; free variables cannot be "
+            "added to a live closure — keep the same free variables or use livepatch upgrade"
+        )
     old_kind = original.co_flags & _KIND_FLAGS
     new_kind = code.co_flags & _KIND_FLAGS
     if old_kind != new_kind:
@@ -291,7 +314,7 @@ def _prepare(patch: Patch, spec: FunctionSpec) -> tuple[_Prepared, PlannedChange
         kwdefaults = spec.replacement.__kwdefaults__
         version = Version(code, spec.replacement.__defaults__, kwdefaults, patch.name)
 
-    verified, note = _verify(spec, target, ctx, live, original)
+    verified, note = _verify(spec, ctx, slot)
     if _signature(code) != _signature(live):
         note += "; the signature changed: callers that bind arguments the old way may break"
     return _Prepared(spec, slot, version), PlannedChange(spec.target, verified, note)
@@ -358,25 +381,34 @@ def _signature(code: types.CodeType) -> tuple[Any, ...]:
     )
 
 
-def _verify(
-    spec: FunctionSpec,
-    target: locate.Target,
-    ctx: codegen.Context,
-    live: types.CodeType,
-    original: types.CodeType,
-) -> tuple[bool, str]:
+def _global_names(code: types.CodeType) -> set[str]:
+    """Names `code` (or code nested in it) reads or writes as globals."""
+    names = set()
+    for instruction in dis.get_instructions(code):
+        if instruction.opname in ("LOAD_GLOBAL", "STORE_GLOBAL", "DELETE_GLOBAL", "LOAD_NAME"):
+            names.add(str(instruction.argval))
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+def _verify(spec: FunctionSpec, ctx: codegen.Context, slot: Slot) -> tuple[bool, str]:
+    """Prove the live function is what `expect=` describes (the running or original version)."""
     expect = spec.expect
     if expect is None:
         return False, "not verified: the patch gives no expect="
-    candidates = [live] if live is original else [live, original]
+    live = slot.effective()
+    candidates = [live] if not slot.stack else [live, slot.original]
     if is_fingerprint(expect.strip()):
-        if any(fingerprint(c) == expect.strip() for c in candidates):
+        if any(_fingerprint_of(v) == expect.strip() for v in candidates):
             return True, "verified by fingerprint"
         raise FingerprintMismatch(
-            f"{spec.target}: live code fingerprint {fingerprint(live)} is not the expected "
-            f"{expect.strip()}; rebuild the patch from the source this process runs"
+            f"{spec.target}: live code fingerprint {_fingerprint_of(live)} is not the "
+            f"expected {expect.strip()}; rebuild the patch from the source this process runs"
         )
     node = codegen.parse_def(expect, f"expect of {spec.target}")
+    original = slot.original.code
     if node.name != original.co_name:
         raise FingerprintMismatch(
             f"{spec.target}: expect= is the source of {node.name!r}, but the live function "
@@ -386,12 +418,51 @@ def _verify(
         expected = codegen.compile_plain(node, ctx, f"<expect of {spec.target}>")
     except PatchError as exc:
         raise FingerprintMismatch(f"{spec.target}: expect= does not compile: {exc}") from None
-    if any(same_code(expected, c) for c in candidates):
-        return True, "verified against expected source"
-    raise FingerprintMismatch(
-        f"{spec.target}: the live code is not the code this patch was built against "
-        "(expect= differs); rebuild the patch from the source this process runs"
-    )
+    if not any(same_code(expected, v.code) for v in candidates):
+        raise FingerprintMismatch(
+            f"{spec.target}: the live code is not the code this patch was built against "
+            "(expect= differs); rebuild the patch from the source this process runs"
+        )
+    if not any(defaults_match(node, v) for v in candidates):
+        raise FingerprintMismatch(
+            f"{spec.target}: the live default argument values differ from expect=; "
+            "rebuild the patch from the source this process runs"
+        )
+    return True, "verified against expected source"
+
+
+def _fingerprint_of(version: Version) -> str:
+    if version.defaults is KEEP:
+        return fingerprint(version.code)
+    return fingerprint(version.code, version.defaults, version.kwdefaults)
+
+
+def defaults_match(node: codegen.FunctionNode, version: Version) -> bool:
+    """Do the literal defaults written in `node` equal the live ones? Non-literals pass."""
+    if version.defaults is KEEP:
+        return True
+    args = node.args
+    live = list(version.defaults or ())
+    if len(args.defaults) != len(live):
+        return False
+    pairs: list[tuple[ast.expr | None, Any, bool]] = [
+        (expr, value, True) for expr, value in zip(args.defaults, live, strict=True)
+    ]
+    kw = version.kwdefaults or {}
+    for arg, expr in zip(args.kwonlyargs, args.kw_defaults, strict=True):
+        if (expr is None) != (arg.arg not in kw):
+            return False
+        pairs.append((expr, kw.get(arg.arg), expr is not None))
+    for expr, value, present in pairs:
+        if not present or expr is None:
+            continue
+        try:
+            written = ast.literal_eval(expr)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            continue  # an expression evaluated at def time: not comparable from source
+        if type(written) is not type(value) or written != value:
+            return False
+    return True
 
 
 def _prepare_new(patch: Patch, spec: NewSpec, superseded: set[str]) -> _Added:
@@ -587,27 +658,39 @@ class _ApplyHooks:
     def finalize(self, t: Transition | None) -> None:
         with LOCK:
             touched = _slots_of(self.superseded)
-            before = {id(s): list(s.stack) for s in touched + self.record.slots}
+            slots = _unique(touched + self.record.slots)
+            before = {id(s): list(s.stack) for s in slots}
             try:
                 for slot in touched:
                     slot.stack = [v for v in slot.stack if v.patch not in self._gone()]
                 for p in self.plan.prepared:
                     p.slot.stack.append(p.version)
-                    redirect.register(p.slot)
-                for slot in _unique(touched + self.record.slots):
-                    slot.install(slot.effective())
+                errors = [e for slot in slots for e in slot.install(slot.effective())]
+                if errors:  # e.g. an lru_cache that cannot be cleared would serve stale results
+                    raise RuntimeError("; ".join(errors))
             except BaseException as exc:
-                for slot in _unique(touched + self.record.slots):
+                for slot in slots:
                     slot.stack = before[id(slot)]
-                    slot.install(slot.effective())
-                raise PatchError(f"{self.record.patch.name}: install failed: {exc}") from exc
+                    try:
+                        slot.install(slot.effective())
+                    except BaseException as again:  # keep restoring the others
+                        log.error("livepatch: %s: rollback of %s failed: %s",
+                                  self.record.patch.name, slot.key, again)
+                raise PatchError(
+                    f"{self.record.patch.name}: installing the new code failed "
+                    f"({type(exc).__name__}: {exc}); every function was put back"
+                ) from exc
+            for p in self.plan.prepared:
+                redirect.register(p.slot)
             for slot in touched:
                 redirect.discard_if_idle(slot)
             for old in self.superseded:
                 for added in old.added:
-                    if not any(a.holder is added.holder and a.name == added.name
-                               for a in self.record.added):
+                    mine = next((a for a in self.record.added if a.same_name(added)), None)
+                    if mine is None:
                         added.remove()
+                    else:  # carried on: reverting the cumulative patch restores the original
+                        mine.previous = added.previous
                 if old in _applied:
                     _applied.remove(old)
             self.record.state = "applied"

@@ -14,6 +14,11 @@ class PatchError(Exception):
     #: stable machine-readable code, used by the agent protocol and `--json` output
     code = "patch-error"
 
+    def __init__(self, message: str = "", *args: object) -> None:
+        # one line, always: messages embed text from user code and exceptions
+        lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+        super().__init__(" / ".join(lines), *args)
+
 
 class PatchFileError(PatchError):
     """A patch file could not be loaded (missing, syntax error, no or several patches)."""

@@ -77,13 +77,39 @@ def _normal_const(const: Any) -> Any:
     return (type(const).__name__, repr(const))
 
 
-def fingerprint(obj: FunctionType | CodeType) -> str:
-    """``"sha256:..."`` of a function's (or code object's) normal form."""
+_UNSET: Any = object()
+_LITERALS = (type(None), bool, int, float, complex, str, bytes)
+
+
+def fingerprint(
+    obj: FunctionType | CodeType, defaults: Any = _UNSET, kwdefaults: Any = _UNSET
+) -> str:
+    """``"sha256:..."`` of a function's normal form: its code and its default values.
+
+    For a code object alone, pass `defaults`/`kwdefaults` to include them. Defaults that
+    are not plain literals count by type only (their repr may hold an address).
+    """
     code = obj.__code__ if isinstance(obj, FunctionType) else obj
     if not isinstance(code, CodeType):
         raise TypeError(f"fingerprint() needs a Python function or code object, not {obj!r}")
-    digest = hashlib.sha256(repr(normal_form(code)).encode()).hexdigest()
+    if isinstance(obj, FunctionType):
+        defaults = obj.__defaults__ if defaults is _UNSET else defaults
+        kwdefaults = obj.__kwdefaults__ if kwdefaults is _UNSET else kwdefaults
+    form: tuple[Any, ...] = normal_form(code)
+    if defaults is not _UNSET or kwdefaults is not _UNSET:
+        positional = tuple(_normal_default(v) for v in (defaults or ()))
+        keywords = tuple(sorted((k, _normal_default(v)) for k, v in (kwdefaults or {}).items()))
+        form = (form, positional, keywords)
+    digest = hashlib.sha256(repr(form).encode()).hexdigest()
     return _PREFIX + digest
+
+
+def _normal_default(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return ("tuple", tuple(_normal_default(v) for v in value))
+    if type(value) in _LITERALS:
+        return (type(value).__name__, repr(value))
+    return (type(value).__name__,)
 
 
 def is_fingerprint(text: str) -> bool:

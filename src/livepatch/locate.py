@@ -50,6 +50,9 @@ class Target:
     outers: list[FunctionType] = field(default_factory=list)
     after_install: list[Callable[[], None]] = field(default_factory=list)
     nested: bool = False
+    #: for nested targets: the local names of the enclosing functions — a replacement that
+    #: reads one of them as a global would be a new free variable in disguise
+    enclosing_locals: frozenset[str] = frozenset()
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -218,9 +221,16 @@ def _resolve_nested(key: str, module: ModuleType, qualname: str) -> Target:
     cut = parts.index(_LOCALS)
     outer_key = f"{module.__name__}:{'.'.join(parts[:cut])}"
     outer = resolve(outer_key).funcs[0]
-    code = _find_const(outer.__code__, qualname)
-    if code is None:
+    chain = _const_chain(outer.__code__, qualname)
+    if chain is None:
         raise TargetNotFound(f"{key}: {outer_key} defines no {qualname!r}; check the name")
+    code = chain[-1]
+    enclosing = frozenset(
+        name
+        for parent in chain[:-1]
+        if parent.co_flags & 0x1  # functions; class bodies do not enclose their methods
+        for name in (*parent.co_varnames, *parent.co_cellvars, *parent.co_freevars)
+    )
     return Target(
         key=key,
         module=module,
@@ -230,17 +240,19 @@ def _resolve_nested(key: str, module: ModuleType, qualname: str) -> Target:
         ident=("nested", key),
         outers=[outer],
         nested=True,
+        enclosing_locals=enclosing,
     )
 
 
-def _find_const(code: CodeType, qualname: str) -> CodeType | None:
+def _const_chain(code: CodeType, qualname: str) -> list[CodeType] | None:
+    """[code, ..., the nested code called `qualname`], following code constants."""
     for const in code.co_consts:
         if isinstance(const, CodeType):
             if const.co_qualname == qualname:
-                return const
-            found = _find_const(const, qualname)
+                return [code, const]
+            found = _const_chain(const, qualname)
             if found is not None:
-                return found
+                return [code, *found]
     return None
 
 

@@ -22,11 +22,14 @@ and the dispatching models install a trampoline instead (see ``dispatch``).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import CodeType, FunctionType
 from typing import Any
+
+log = logging.getLogger("livepatch.redirect")
 
 
 class _Keep:
@@ -113,8 +116,12 @@ class Slot:
     def known_codes(self) -> set[CodeType]:
         return {self.original.code, *(v.code for v in self.stack)}
 
-    def install(self, version: Version) -> None:
-        """Make every live object of this slot run `version` (no dispatch)."""
+    def install(self, version: Version) -> list[str]:
+        """Make every live object of this slot run `version` (no dispatch).
+
+        Returns the errors of after-install hooks (user code such as a cache's clear()):
+        the code is installed regardless; the caller decides whether that is a failure.
+        """
         if self.nested:
             # closures made since the slot was planned run a known version: adopt them
             from livepatch.locate import instances_of
@@ -124,8 +131,15 @@ class Slot:
         for func in self.funcs:
             version.install(func)
         self._rewrite_outers(version.code)
+        errors = []
         for hook in self.after_install:
-            hook()
+            # never let user code break an install or a rollback half-way
+            try:
+                hook()
+            except Exception as exc:
+                log.warning("livepatch: %s: after-install hook failed: %s", self.key, exc)
+                errors.append(f"{self.key}: {getattr(hook, '__qualname__', hook)} failed: {exc}")
+        return errors
 
     def install_code(self, code: CodeType) -> None:
         """Install a bare code object (a trampoline) on every live object."""
