@@ -193,36 +193,40 @@ def test_failing_factory_does_not_pin_non_weakrefable_object() -> None:
     assert shadow.count() == before
 
 
+def race_round() -> None:
+    obj = Slotted()  # not weakly referenceable: the strong-anchor path
+    other = Plain()
+    calls: list[int] = []
+    barrier = threading.Barrier(16)
+    results: list[Any] = [None] * 16
+    gate = threading.Event()
+
+    def factory() -> object:
+        calls.append(1)
+        gate.wait(0.01)  # widen the window for the other threads
+        return object()
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        target = obj if i % 2 else other
+        results[i] = shadow.get_or_alloc(target, "race", factory)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert len(calls) == 2  # once per object
+    assert len({id(r) for r in results[1::2]}) == 1
+    assert len({id(r) for r in results[0::2]}) == 1
+    assert results[0] is not results[1]
+    shadow.free_all("race")
+
+
 def test_sixteen_threads_race_get_or_alloc() -> None:
     for _round in range(20):
-        obj = Slotted()  # not weakly referenceable: the strong-anchor path
-        other = Plain()
-        calls: list[int] = []
-        barrier = threading.Barrier(16)
-        results: list[Any] = [None] * 16
-        gate = threading.Event()
-
-        def factory() -> object:
-            calls.append(1)
-            gate.wait(0.01)  # widen the window for the other threads
-            return object()
-
-        def worker(i: int) -> None:
-            barrier.wait()
-            target = obj if i % 2 else other
-            results[i] = shadow.get_or_alloc(target, "race", factory)
-
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(10)
-        assert not any(t.is_alive() for t in threads)
-        assert len(calls) == 2  # once per object
-        assert len({id(r) for r in results[1::2]}) == 1
-        assert len({id(r) for r in results[0::2]}) == 1
-        assert results[0] is not results[1]
-        shadow.free_all("race")
+        race_round()
 
 
 def test_racing_get_waits_for_the_factory() -> None:
