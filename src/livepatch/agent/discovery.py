@@ -3,8 +3,9 @@ children are. Everything here reads /proc; nothing connects to anything.
 
 Agents are found in two places: the listening AF_UNIX sockets the kernel lists in
 /proc/net/unix (which sees the agents of every user, so root can patch anyone's process),
-and the caller's own socket directory. A socket is an agent's if it is named
-`agent-<pid>.sock` inside a directory whose name starts with `livepatch`.
+and the caller's own socket directory (which may be anywhere, by LIVEPATCH_SOCKET_DIR).
+An agent's socket is recognised by its name, `agent-<pid>.sock`; commands that act on
+it then talk to the agent, whose `hello` reports its real pid.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from livepatch.agent import paths
 from livepatch.errors import PatchError
 
-_PROC_PATH = re.compile(r"/livepatch[^/]*/agent-(\d+)\.sock$")
+_PROC_PATH = re.compile(r"/agent-(\d+)\.sock$")
 _LISTENING = "01"  # SS_UNCONNECTED/TCP_LISTEN state in /proc/net/unix's "St" column
 
 
