@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -22,16 +21,16 @@ pytest.importorskip("gunicorn")
 FIXTURES = Path(__file__).parent / "fixtures"
 WORKERS = 4
 
-FIX = '''import livepatch
+FIX = """import livepatch
 patch = livepatch.Patch("fix-message", description="new message")
 
 @patch.function("gunicorn_app:message")
 def message():
     return "new"
-'''
+"""
 
 # fails in exactly one process: the pid written to FAIL_FILE
-FAILING = '''import os, pathlib, livepatch
+FAILING = """import os, pathlib, livepatch
 patch = livepatch.Patch("fix-doomed", description="fails in one worker")
 
 @patch.pre_patch
@@ -42,7 +41,7 @@ def veto():
 @patch.function("gunicorn_app:message")
 def message():
     return "doomed"
-'''
+"""
 
 
 def _free_port() -> int:
@@ -58,8 +57,17 @@ class Gunicorn:
         self.port = port
         self.proc = subprocess.Popen(
             [
-                str(LIVEPATCH), "run", "--", sys.executable, str(gunicorn),
-                "-w", str(WORKERS), "-b", f"127.0.0.1:{port}", "--graceful-timeout", "2",
+                str(LIVEPATCH),
+                "run",
+                "--",
+                sys.executable,
+                str(gunicorn),
+                "-w",
+                str(WORKERS),
+                "-b",
+                f"127.0.0.1:{port}",
+                "--graceful-timeout",
+                "2",
                 "gunicorn_app:application",
             ],
             cwd=FIXTURES,
