@@ -1,0 +1,139 @@
+"""Random sequences of apply / revert / cumulative apply / refused apply over 3 functions and
+4 patches (each also as a cumulative variant) keep every function's behaviour, and the
+applied list, equal to a simple model of the version stacks."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import livepatch
+
+from .conftest import import_file
+
+IMM = "immediate"
+FUNCS = ("f0", "f1", "f2")
+#: which functions each patch replaces
+COVERS = {0: ("f0", "f1"), 1: ("f1", "f2"), 2: ("f0",), 3: ("f0", "f1", "f2")}
+
+_world: dict[str, object] = {}
+_counter = itertools.count()
+
+
+def world() -> tuple[types.ModuleType, dict[str, livepatch.Patch]]:
+    """One target module and its patches, shared by every example (each example starts
+    and ends with nothing applied, so the functions are original again)."""
+    if not _world:
+        folder = Path(tempfile.mkdtemp(prefix="lpcore_sm_"))
+        name = f"lpcore_statemachine_{next(_counter)}"
+        src = folder / f"{name}.py"
+        src.write_text("".join(f"def {f}():\n    return 'orig-{f}'\n\n\n" for f in FUNCS))
+        module = import_file(src, name)
+        patches: dict[str, livepatch.Patch] = {}
+        for i, funcs in COVERS.items():
+            for cumulative in (False, True):
+                pname = f"{'C' if cumulative else 'P'}{i}"
+                lines = ["import livepatch",
+                         f"patch = livepatch.Patch({pname!r}, cumulative={cumulative})"]
+                for f in funcs:
+                    lines += [f"@patch.function('{name}:{f}')", f"def {f}():",
+                              f"    return '{pname}-{f}'", ""]
+                path = folder / f"{pname}.py"
+                path.write_text("\n".join(lines))
+                patches[pname] = livepatch.load(path)
+        path = folder / "BAD.py"
+        path.write_text(
+            "import livepatch\npatch = livepatch.Patch('BAD')\n"
+            f"@patch.function('{name}:f0')\ndef f0():\n    return 'bad'\n"
+            f"@patch.function('{name}:missing')\ndef missing():\n    return 'bad'\n"
+        )
+        patches["BAD"] = livepatch.load(path)
+        _world["module"], _world["patches"] = module, patches
+    return _world["module"], _world["patches"]  # type: ignore[return-value]
+
+
+class VersionStacks(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.module, self.patches = world()
+        assert livepatch.patches() == []
+        self.stacks: dict[str, list[str]] = {f: [] for f in FUNCS}
+        self.applied: list[str] = []
+
+    @rule(i=st.sampled_from(sorted(COVERS)), cumulative=st.booleans())
+    def apply(self, i: int, cumulative: bool) -> None:
+        name = f"{'C' if cumulative else 'P'}{i}"
+        if name in self.applied:
+            with pytest.raises(livepatch.AlreadyApplied):
+                livepatch.apply(self.patches[name], model=IMM)
+            return
+        livepatch.apply(self.patches[name], model=IMM)
+        if cumulative:
+            self.stacks = {f: [] for f in FUNCS}
+            self.applied = []
+        for f in COVERS[i]:
+            self.stacks[f].append(name)
+        self.applied.append(name)
+
+    @precondition(lambda self: bool(self.applied))
+    @rule(data=st.data())
+    def revert(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(self.applied))
+        livepatch.revert(name, model=IMM)
+        self.applied.remove(name)
+        for stack in self.stacks.values():
+            if name in stack:
+                stack.remove(name)
+
+    @rule()
+    def refused(self) -> None:
+        with pytest.raises(livepatch.TargetNotFound):
+            livepatch.apply(self.patches["BAD"], model=IMM)
+
+    @rule(name=st.sampled_from(["P0", "C3", "nothing"]))
+    def revert_not_applied(self, name: str) -> None:
+        if name not in self.applied:
+            with pytest.raises(livepatch.NotApplied):
+                livepatch.revert(name, model=IMM)
+
+    @invariant()
+    def behaviour_matches_model(self) -> None:
+        for f in FUNCS:
+            stack = self.stacks[f]
+            want = f"{stack[-1]}-{f}" if stack else f"orig-{f}"
+            assert getattr(self.module, f)() == want, (f, stack)
+
+    @invariant()
+    def applied_list_matches_model(self) -> None:
+        views = livepatch.patches()
+        assert [p.name for p in views] == self.applied
+        for view in views:
+            assert all(p.state == "applied" for p in views)
+            covered = COVERS[int(view.name[1])]
+            assert sorted(t.partition(":")[2] for t in view.functions) == sorted(covered)
+
+    def teardown(self) -> None:
+        for name in reversed([p.name for p in livepatch.patches()]):
+            livepatch.revert(name, model=IMM)
+        for f in FUNCS:
+            assert getattr(self.module, f)() == f"orig-{f}"
+
+
+VersionStacks.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=25, deadline=None, database=None
+)
+TestVersionStacks = VersionStacks.TestCase
+
+
+def teardown_module() -> None:
+    module = _world.get("module")
+    if isinstance(module, types.ModuleType):
+        sys.modules.pop(module.__name__, None)
