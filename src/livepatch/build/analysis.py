@@ -127,6 +127,7 @@ class Replacement:
     new: FunctionUnit
     edits: list[Edit]
     def_time: set[str]
+    renames: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -553,6 +554,16 @@ class ModuleAnalysis:
                     if expression_reads(unit.value) & set(changed):
                         changed[name] = unit
                         grew = True
+        # constants the renamed constants are computed from must be renamed too, or the
+        # new value would be computed from the live (old) one
+        immutable = {n for n in changed if self.value_kind(changed[n].value) is ValueKind.IMMUTABLE}
+        self.derived_from: set[str] = set()
+        work = [n for n in immutable if self.readers(n)]
+        while work:
+            for dep in expression_reads(changed[work.pop()].value) & immutable:
+                if dep not in self.derived_from:
+                    self.derived_from.add(dep)
+                    work.append(dep)
         for name in sorted(changed, key=lambda n: changed[n].line):
             self.changed_value(name, changed[name])
         for name, unit in old.data.items():
@@ -601,7 +612,7 @@ class ModuleAnalysis:
                         "patched by name — turn it into a def", Hint.UPGRADE)
             return
         if kind is ValueKind.IMMUTABLE:
-            if not readers:
+            if not readers and name not in self.derived_from:
                 kind_note = NoteKind.METADATA if name in _METADATA else NoteKind.UNUSED_CONSTANT
                 self.note(unit.line, name, kind_note, _short(self.old, self.old.data[name]))
                 return
@@ -757,7 +768,8 @@ class ModuleAnalysis:
                 edits = rename_edits(unit.node, self.renames) if self.renames else []
                 use = self._usage(unit)
                 self.plan.replacements.append(
-                    Replacement(f"{module}:{target}", before, unit, edits, set(use.def_time))
+                    Replacement(f"{module}:{target}", before, unit, edits, set(use.def_time),
+                                dict(self.renames))
                 )
                 self._live_names(unit, use.def_time)
                 kind = self.whole[target]

@@ -14,10 +14,13 @@ not as a wrong patch in a production process.
 from __future__ import annotations
 
 import ast
+import copy
+import dataclasses
 import hashlib
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import CodeType
 
 from livepatch import codegen
 from livepatch.build import emit
@@ -166,7 +169,7 @@ def build_trees(
         for rep in plan.replacements:
             try:
                 expects[rep.target] = _expect_literal(plan.old, rep)
-                _check_replacement(plan.new, rep)
+                _check_replacement(plan.old, plan.new, rep)
             except _Unreproducible as exc:
                 refusals.append(exc.refusal)
     if refusals:
@@ -207,8 +210,7 @@ def _render(
         description = f"livepatch build: {replaced} function(s) replaced in {modules}"
     lines = emit.header(old.label, new.label, changes, notes)
     lines += ["from __future__ import annotations", "", "import livepatch"]
-    if any(p.rebinds for p in plans):
-        lines += emit.data_prelude()
+    lines += emit.prelude(plans)
     lines += [
         "",
         f"{patch_var} = livepatch.Patch(",
@@ -218,6 +220,7 @@ def _render(
     ]
     for plan in plans:
         lines += emit.module_section(plan, patch_var, expects)
+    lines += emit.import_callbacks(plans, patch_var)
     lines += emit.data_callbacks(plans, patch_var)
     text = "\n".join(lines).rstrip("\n") + "\n"
     try:
@@ -241,6 +244,12 @@ def _unreproducible(model: ModuleModel, rep: Replacement, why: str) -> _Unreprod
                                    why, Hint.UPGRADE))
 
 
+def _context(model: ModuleModel, code: CodeType, qualname: str) -> codegen.Context:
+    """The engine's compilation context for a target, as the live module will give it."""
+    base = codegen.Context.of(code, qualname)
+    return dataclasses.replace(base, imports=model.import_names)
+
+
 def _expect_literal(old: ModuleModel, rep: Replacement) -> str:
     """``expect=`` as the old source when it compiles back to the old code, else a fingerprint."""
     code = rep.old.code
@@ -250,7 +259,7 @@ def _expect_literal(old: ModuleModel, rep: Replacement) -> str:
         text = def_text(old, rep.old.node)
     except SegmentError as exc:
         raise _unreproducible(old, rep, f"its old source cannot be extracted ({exc})") from None
-    ctx = codegen.Context.of(code, rep.old.qualname)
+    ctx = _context(old, code, rep.old.qualname)
     try:
         node = codegen.parse_def(text, f"expect of {rep.target}")
         compiled = codegen.compile_plain(node, ctx, f"<expect of {rep.target}>")
@@ -258,10 +267,24 @@ def _expect_literal(old: ModuleModel, rep: Replacement) -> str:
             return emit.string_literal(text)
     except PatchError:
         pass
-    return repr(fingerprint(code))
+    # the engine would not accept the source: pin the code (and literal defaults) instead
+    if rep.old.nested:
+        return repr(fingerprint(code))
+    args = rep.old.node.args
+    try:
+        defaults = tuple(ast.literal_eval(d) for d in args.defaults) or None
+        kwdefaults = {
+            a.arg: ast.literal_eval(d)
+            for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True)
+            if d is not None
+        } or None
+    except ValueError:
+        raise _unreproducible(old, rep, "its old source does not compile back to the live "
+                              "code, and its defaults are not literals") from None
+    return repr(fingerprint(code, defaults, kwdefaults))
 
 
-def _check_replacement(new: ModuleModel, rep: Replacement) -> None:
+def _check_replacement(plan_old: ModuleModel, new: ModuleModel, rep: Replacement) -> None:
     """The replacement text compiles, in the live context, to the new version's code."""
     try:
         text = def_text(new, rep.new.node, rep.edits)
@@ -271,16 +294,26 @@ def _check_replacement(new: ModuleModel, rep: Replacement) -> None:
     node = tree.body[0]
     assert isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
     old_code, new_code = rep.old.code, rep.new.code
-    if old_code is None or new_code is None or rep.edits:
+    if old_code is None or new_code is None:
         return
-    ctx = codegen.Context.of(old_code, rep.old.qualname)
+    reference_node = rep.new.node
+    if rep.edits:
+        reference_node = copy.deepcopy(reference_node)
+        for child in ast.walk(reference_node):
+            if isinstance(child, ast.Name) and child.id in rep.renames:
+                child.id = rep.renames[child.id]
+    # Compare like with like: both through the engine's context compilation. (Against
+    # the module's own code object they can differ harmlessly: the compiler emits plain
+    # attribute loads for methods of names bound by a module-level import.)
+    ctx = _context(plan_old, old_code, rep.old.qualname)
     try:
         compiled = codegen.compile_function(node, ctx, "<replacement>")
+        reference = codegen.compile_function(reference_node, ctx, "<new version>")
     except PatchError as exc:
         raise _unreproducible(new, rep, f"it does not compile live: {exc}") from None
-    if old_code.co_freevars == new_code.co_freevars and not same_code(compiled, new_code):
-        raise _unreproducible(new, rep, "the replacement does not compile to the new code "
-                              "(the builder cannot reproduce it)")
+    if not same_code(compiled, reference):
+        raise _unreproducible(new, rep, "the replacement text does not compile to the new "
+                              "version's code (the builder cannot reproduce it)")
 
 
 def read_sources(old: PathOrSources, new: PathOrSources) -> tuple[SourceTree, SourceTree]:

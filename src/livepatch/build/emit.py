@@ -22,6 +22,7 @@ from livepatch.build.segments import def_text, expr_text
 _DATA_NEW = "_lp_new_data"
 _DATA_OLD = "_lp_old_data"
 _SYS = "_lp_sys"
+_IMPORTS = "_lp_imports"
 
 
 def string_literal(text: str, indent: str = "    ") -> str:
@@ -114,7 +115,10 @@ def module_section(
         out += ["", "# imports the new code needs; the live module gets the same names"]
         for binding in sorted(plan.imports, key=lambda b: (b.line, b.name)):
             out += import_lines(binding)
-            out.append(f'{patch_var}.new("{module}:{binding.name}", {binding.name})')
+            if binding.attr is None:
+                out.append(f'{patch_var}.new("{module}:{binding.name}", {binding.name})')
+            else:
+                out.append(f'{_IMPORTS}.append(("{module}", "{binding.name}", {binding.name}))')
     if plan.constants:
         out += [
             "",
@@ -177,13 +181,46 @@ def _key(module: str, rebind: DataRebind) -> str:
     return f"{module}:{owner}{rebind.unit.name}"
 
 
-def data_prelude() -> list[str]:
+def prelude(plans: list[ModulePlan]) -> list[str]:
+    """Shared state of the callbacks at the end of the file, if any are needed."""
+    rebinds = any(p.rebinds for p in plans)
+    imports = any(b.attr is not None for p in plans for b in p.imports)
+    if not (rebinds or imports):
+        return []
+    out = ["", f"import sys as {_SYS}", ""]
+    if imports:
+        out.append(f"{_IMPORTS}: list = []  # (module, name, value) bound by _lp_bind_imports")
+    if rebinds:
+        out += [f"{_DATA_NEW}: dict = {{}}", f"{_DATA_OLD}: dict = {{}}"]
+    return out
+
+
+def import_callbacks(plans: list[ModulePlan], patch_var: str) -> list[str]:
+    if not any(b.attr is not None for p in plans for b in p.imports):
+        return []
     return [
         "",
-        f"import sys as {_SYS}",
         "",
-        f"{_DATA_NEW}: dict = {{}}",
-        f"{_DATA_OLD}: dict = {{}}",
+        "# == names imported with `from ... import` ========================================",
+        "# Bound by callbacks rather than patch.new, which would rebuild an imported",
+        "# function on the target module's globals.",
+        "",
+        "",
+        f"@{patch_var}.pre_patch",
+        "def _lp_bind_imports():",
+        f"    for module, name, value in {_IMPORTS}:",
+        f"        present = vars({_SYS}.modules[module]).get(name, value)",
+        "        if present is not value:",
+        '            raise RuntimeError(f"{module}:{name} exists already; not shadowing it")',
+        f"    for module, name, value in {_IMPORTS}:",
+        f"        setattr({_SYS}.modules[module], name, value)",
+        "",
+        "",
+        f"@{patch_var}.post_unpatch",
+        "def _lp_unbind_imports():",
+        f"    for module, name, value in {_IMPORTS}:",
+        f"        if vars({_SYS}.modules[module]).get(name) is value:",
+        f"            delattr({_SYS}.modules[module], name)",
     ]
 
 

@@ -128,6 +128,27 @@ class ModuleModel:
     future_flags: frozenset[str] = frozenset()
 
     @property
+    def import_names(self) -> tuple[str, ...]:
+        """Names bound by an import anywhere at module level (inside ``if``/``try`` too):
+        CPython compiles ``name.attr(...)`` differently for those."""
+        names: set[str] = set()
+        stack: list[ast.AST] = list(self.tree.body)
+        while stack:
+            node = stack.pop()
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names.update(
+                    (a.asname or a.name.partition(".")[0]) for a in node.names if a.name != "*"
+                )
+                continue
+            stack.extend(
+                c for c in ast.iter_child_nodes(node)
+                if isinstance(c, (ast.stmt, ast.ExceptHandler))
+            )
+        return tuple(sorted(names))
+
+    @property
     def name(self) -> str:
         return self.source.module
 
