@@ -139,3 +139,37 @@ def test_root_attaches_to_a_process_of_another_user(isolated_env):
     finally:
         target.stop()
         shutil.rmtree(home, ignore_errors=True)
+
+
+PATCH = """\
+import livepatch
+
+patch = livepatch.Patch("attach-price", description="prices triple")
+
+
+@patch.function("attach_shop:price")
+def price(quantity):
+    return quantity * 3
+"""
+
+
+def test_a_patch_applies_through_the_attached_agent(spawn, isolated_env, tmp_path):
+    # the point of attaching: `livepatch apply` then works on a program that never opted in
+    target = spawn(OURS, "pipe")
+    target.send("price 5")
+    assert target.expect("price") == "price 10"
+    attach(target.pid, timeout=20)
+    patch_file = tmp_path / "attach_price.py"
+    patch_file.write_text(PATCH)
+
+    done = subprocess.run(
+        [str(LIVEPATCH), "apply", str(patch_file), "--pid", str(target.pid), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=isolated_env,
+    )
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    target.send("price 5")
+    assert target.expect("price") == "price 15"
