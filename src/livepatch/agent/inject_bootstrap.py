@@ -8,8 +8,9 @@ fresh namespace, while the target's own threads go on. It does as little as it c
    main thread, which here is the short-lived helper: `threading.main_thread()` would be
    wrong for the rest of the process's life and `is_alive()` would turn False when the
    helper exits (asyncio, concurrent.futures and the interpreter's shutdown all rely on
-   it). The stub passes CPython's ident of the real main thread, and the record is
-   re-keyed to it. 3.13 asks the runtime for the main thread and needs no repair.
+   it). The stub passes the ident of the process's main thread, and the record is
+   re-keyed to it if that thread runs Python. 3.13 asks the runtime for the main thread
+   and needs no repair.
 2. Make `livepatch` importable: append (never prepend, so the target's own packages keep
    precedence) the directory `livepatch` was imported from by the attaching process, and
    that environment's site-packages for its dependencies. `attach` only does this for a
@@ -77,7 +78,9 @@ def _bootstrap(params: dict[str, Any], main_ident: int) -> None:  # pragma: no c
             import threading
 
             record: Any = threading._main_thread  # type: ignore[attr-defined]
-            if record.ident == _thread.get_ident() and main_ident != record.ident:
+            # only re-key to a thread that runs Python: in a program that embeds Python,
+            # the process's first thread need not be the interpreter's main thread
+            if record.ident == me and main_ident != me and main_ident in sys._current_frames():
                 if not hasattr(record, "_tstate_lock"):
                     raise RuntimeError("threading recorded the wrong main thread")
                 # the tstate lock stands for "the main thread is alive": hold it until
