@@ -183,7 +183,7 @@ def test_failure_over_applied_patches_changes_nothing(env: Env, m: types.ModuleT
     assert_untouched(m, lambda: livepatch.apply(patch, model=IMM), error)
 
 
-CUMULATIVE_XFAIL = {"new name install fails": "FINDINGS #5"}
+CUMULATIVE_XFAIL: dict[str, str] = {}  # FINDINGS #5 fixed
 
 
 @pytest.mark.parametrize(
@@ -261,7 +261,6 @@ def test_failed_install_of_new_name_runs_post_unpatch(env: Env, m: types.ModuleT
     assert ran == ["pre", "post_unpatch"]  # the kernel's pairing: pre_patch ran, so unpatch
 
 
-@pytest.mark.xfail(reason="FINDINGS #6", strict=True)
 def test_failure_while_installing_changes_nothing(env: Env, m: types.ModuleType) -> None:
     """The install itself fails (an lru_cache-like wrapper whose cache_clear raises)."""
     last = '@patch.function("TARGET_MODULE:cached")\ndef cached(x):\n    return ("CACHED", x)\n'

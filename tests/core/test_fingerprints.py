@@ -18,7 +18,7 @@ V1_DEFS = {
     ("closures", "tick"): "make_counter.tick",
 }
 
-XFAIL = {"property": "FINDINGS #1"}
+XFAIL: dict[str, str] = {}  # FINDINGS #1 fixed
 
 
 def expect_v1(patch: livepatch.Patch, scenario: str) -> None:
@@ -55,11 +55,7 @@ def test_expect_v1_source_verifies(env: Env, scenario: str) -> None:
 
 @pytest.mark.parametrize(
     "scenario",
-    [
-        pytest.param(s, marks=pytest.mark.xfail(reason="FINDINGS #2", strict=True))
-        if s == "defaults" else s
-        for s in SCENARIOS
-    ],
+    SCENARIOS,
 )
 def test_expect_v2_source_is_refused(env: Env, scenario: str) -> None:
     m = env.module(scenario)

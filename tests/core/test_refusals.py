@@ -122,7 +122,6 @@ def test_free_variables_changed(env: Env, m: types.ModuleType) -> None:
     assert m.existing(5) == 10
 
 
-@pytest.mark.xfail(reason="FINDINGS #3", strict=True)
 def test_free_variables_changed_top_level_replacement(env: Env, m: types.ModuleType) -> None:
     # v2 of make() has inner use j instead of k; written as a top-level def in the patch
     # file, j is not free there, but it names a local of the enclosing function
@@ -433,7 +432,6 @@ def test_patch_file_that_raises(tmp_path: Path) -> None:
     assert "raises.py:4" in msg and "KeyError" in msg and "boom" in msg
 
 
-@pytest.mark.xfail(reason="FINDINGS #4", strict=True)
 def test_patch_file_raising_a_multiline_message_gives_one_line(tmp_path: Path) -> None:
     path = tmp_path / "raises2.py"
     path.write_text("import livepatch\n\nraise ValueError('first\\nsecond')\n")

@@ -188,7 +188,6 @@ def test_property_getter(env: Env) -> None:
     assert box.size == 5
 
 
-@pytest.mark.xfail(reason="FINDINGS #1", strict=True)
 def test_property_setter_and_deleter(env: Env) -> None:
     m = env.module("property")
     box = m.Box(3)
