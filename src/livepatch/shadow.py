@@ -17,6 +17,15 @@ allocate on such objects (a ``post_unpatch`` callback calling ``free_all`` is th
 All functions are thread-safe. ``get_or_alloc`` runs the factory at most once per object
 and id, outside the lock (the factory may itself use shadow variables); concurrent callers
 wait for that one result.
+
+Locking: one re-entrant lock guards the table. The lock-free path is the weak-reference
+callback that runs when a shadowed object dies: it may run at any moment — inside the
+cyclic garbage collector, or when another object is dropped while this thread already
+holds the lock — so it only appends to ``_dead`` (an atomic ``deque.append``), and the next
+call drains that queue under the lock. Until then a dead entry is invisible: every lookup
+checks that its anchor still refers to the very object asked about. Objects released by
+``free``/``free_all`` are dropped after the lock is released, so their finalizers may use
+shadow variables too.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from __future__ import annotations
 import builtins
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -52,11 +62,22 @@ class _Anchor:
         return (self.ref() if self.weak else self.ref) is obj
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _anchors: dict[int, _Anchor] = {}  # id(obj) → anchor; guarded by _lock
+_dead: deque[tuple[int, weakref.ref[Any]]] = deque()  # appended lock-free by _forget
+
+
+def _drain() -> None:
+    """Forget anchors of objects that died since the last call (caller holds _lock)."""
+    while _dead:
+        key, ref = _dead.popleft()
+        anchor = _anchors.get(key)
+        if anchor is not None and anchor.ref is ref:
+            del _anchors[key]
 
 
 def _anchor(obj: Any, create: bool) -> _Anchor | None:
+    _drain()
     key = id(obj)
     anchor = _anchors.get(key)
     if anchor is not None and anchor.holds(obj):
@@ -64,24 +85,27 @@ def _anchor(obj: Any, create: bool) -> _Anchor | None:
     if not create:
         return None
     try:
-        ref: Any = weakref.ref(obj, _forgetter(key))
-        anchor = _Anchor(ref, weak=True)
+        entries: dict[Hashable, _Entry] = {}
+        ref: Any = weakref.ref(obj, _forgetter(key, entries))
+        anchor = _Anchor(ref, weak=True, entries=entries)
     except TypeError:
         anchor = _Anchor(obj, weak=False)
     _anchors[key] = anchor
     return anchor
 
 
-def _forgetter(key: int) -> Callable[[weakref.ref[Any]], None]:
-    return lambda ref: _forget(key, ref)
+def _forgetter(
+    key: int, entries: dict[Hashable, _Entry]
+) -> Callable[[weakref.ref[Any]], None]:
+    return lambda ref: _forget(key, ref, entries)
 
 
-def _forget(key: int, ref: weakref.ref[Any]) -> None:
-    # runs while the object is being destroyed, before its id can be reused
-    with _lock:
-        anchor = _anchors.get(key)
-        if anchor is not None and anchor.ref is ref:
-            del _anchors[key]
+def _forget(key: int, ref: weakref.ref[Any], entries: dict[Hashable, _Entry]) -> None:
+    # The lock-free path (see the module docstring): never take _lock here. The values go
+    # at once (nobody can reach them: asking needs the dead object); the anchor is
+    # unlinked at the next drain.
+    entries.clear()
+    _dead.append((key, ref))
 
 
 def get(obj: Any, id: Hashable) -> Any:
@@ -137,6 +161,8 @@ def get_or_alloc(obj: Any, id: Hashable, factory: Callable[[], T]) -> T:
             with _lock:
                 if anchor.entries.get(id) is entry:
                     del anchor.entries[id]
+                if not anchor.entries and _anchors.get(builtins.id(obj)) is anchor:
+                    del _anchors[builtins.id(obj)]  # don't pin a non-weakrefable object
             assert pending is not None
             pending.set()
             raise
@@ -160,6 +186,7 @@ def free(obj: Any, id: Hashable, destructor: Callable[[Any], Any] | None = None)
         entry = anchor.entries.pop(id, None) if anchor else None
         if anchor is not None and not anchor.entries:
             del _anchors[builtins.id(obj)]  # `id` is the shadow id here
+    # `anchor` and `entry` are dropped here, outside the lock
     if entry is not None and destructor is not None:
         destructor(entry.value)
 
@@ -167,13 +194,16 @@ def free(obj: Any, id: Hashable, destructor: Callable[[Any], Any] | None = None)
 def free_all(id: Hashable, destructor: Callable[[Any], Any] | None = None) -> int:
     """Detach `id` from every object; returns how many were freed."""
     freed: list[_Entry] = []
+    released: list[_Anchor] = []  # dropped after the lock is released
     with _lock:
+        _drain()
         for key, anchor in list(_anchors.items()):
             entry = anchor.entries.pop(id, None)
             if entry is not None:
                 freed.append(entry)
             if not anchor.entries:
-                del _anchors[key]
+                released.append(_anchors.pop(key))
+    del released
     if destructor is not None:
         for entry in freed:
             destructor(entry.value)
@@ -183,5 +213,6 @@ def free_all(id: Hashable, destructor: Callable[[Any], Any] | None = None) -> in
 def count() -> int:
     """How many objects carry shadow variables (for status and tests)."""
     with _lock:
+        _drain()
         return len(_anchors)
 
