@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from attach_targets import OURS, VERSIONS
+from attach_targets import OURS, VERSIONS, Target
 
 from livepatch.agent.attach import AttachRefused, attach
 
@@ -131,25 +131,24 @@ def test_other_python_version_is_refused(spawn, other):
     _untouched(target.pid)
 
 
-def test_process_of_another_user_is_refused_without_privilege(spawn):
-    if os.geteuid() != 0:
-        # unprivileged: init belongs to root, which is "another user" for us
-        with pytest.raises(AttachRefused, match="ptrace is not permitted"):
-            attach(1)
-        return
-    target = spawn(OURS, "sleep")
+NOBODY = 65534
+SYSTEM_PYTHON = Path(f"/usr/bin/python{OURS}")
+
+
+def _attach_as(uid: int, pid: int) -> tuple[str, str]:
+    """Run attach(pid) in a forked child that dropped to `uid`; its error code and message."""
     read_end, write_end = os.pipe()
     with warnings.catch_warnings():
         # the child only probes and exits: the threads it does not inherit do not matter
         warnings.simplefilter("ignore", DeprecationWarning)
         child = os.fork()
     if child == 0:  # pragma: no cover - runs in the forked child
-        message = "no refusal"
+        message = "none|no refusal"
         try:
             os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            attach(target.pid, timeout=5)
+            os.setgid(uid)
+            os.setuid(uid)
+            attach(pid, timeout=5)
         except BaseException as exc:
             message = f"{getattr(exc, 'code', type(exc).__name__)}|{exc}"
         os.write(write_end, message.encode()[:4000])
@@ -161,9 +160,44 @@ def test_process_of_another_user_is_refused_without_privilege(spawn):
     finally:
         os.close(read_end)
         os.waitpid(child, 0)
+    return code, message
+
+
+def test_process_of_another_user_is_refused_without_privilege(spawn):
+    if os.geteuid() != 0:
+        # unprivileged: init belongs to root, which is "another user" for us
+        with pytest.raises(AttachRefused, match="ptrace is not permitted"):
+            attach(1)
+        return
+    target = spawn(OURS, "sleep")
+    code, message = _attach_as(NOBODY, target.pid)
     assert code == "attach-refused", message
     assert "ptrace is not permitted" in message and "uid 0" in message
     _untouched(target.pid)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run processes as another user")
+@pytest.mark.skipif(not SYSTEM_PYTHON.exists(), reason=f"needs {SYSTEM_PYTHON} for uid 65534")
+def test_same_user_is_refused_when_the_kernel_says_no(isolated_env):
+    # a process that made itself non-dumpable cannot be ptraced even by its own user:
+    # the kernel hides its /proc details and attach must report that, not crash or inject
+    program = (
+        "import ctypes, os, time\n"
+        "ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 0\n"
+        "print('ready', os.getpid(), flush=True)\n"
+        "while True:\n"
+        "    time.sleep(0.05); print('tick', flush=True)\n"
+    )
+    argv = [str(SYSTEM_PYTHON), "-c", program]
+    target = Target(argv, isolated_env, user=NOBODY, group=NOBODY, extra_groups=[], cwd="/")
+    try:
+        code, message = _attach_as(NOBODY, target.pid)
+        assert code == "attach-refused", message
+        assert "ptrace is not permitted" in message
+        target.expect("tick")
+        assert target.alive()
+    finally:
+        target.stop()
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to hold a tracer")
