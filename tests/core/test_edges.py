@@ -1,0 +1,243 @@
+"""Edge cases around the scenarios: nested functions whose outer is patched too, nested
+defaults, ambiguous nested names, helpers in special contexts."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+import livepatch
+
+from .conftest import Env
+
+IMM = "immediate"
+
+NESTED = """
+def outer(k):
+    def inner(x, scale=1):
+        return x * k * scale
+
+    return inner
+
+
+def branchy(flag):
+    if flag:
+        def inner():
+            return "yes"
+    else:
+        def inner():
+            return "no"
+    return inner
+
+
+def maker():
+    return lambda x: x + 1
+
+
+existing = outer(2)
+"""
+
+PATCH_OUTER = """
+import livepatch
+patch = livepatch.Patch("outer-fix")
+
+
+@patch.function("TARGET_MODULE:outer")
+def outer(k):
+    if k < 0:
+        raise ValueError("negative k")
+
+    def inner(x, scale=1):
+        return x * k * scale
+
+    return inner
+"""
+
+PATCH_INNER = """
+import livepatch
+patch = livepatch.Patch("inner-fix")
+
+
+@patch.function("TARGET_MODULE:outer.<locals>.inner")
+def inner(x, scale=1):
+    return x * k * scale + 1000
+"""
+
+
+@pytest.fixture
+def m(env: Env) -> types.ModuleType:
+    return env.source_module(NESTED, "edges")
+
+
+def load(env: Env, m: types.ModuleType, text: str) -> livepatch.Patch:
+    return livepatch.load(env.patch_text(text, m))
+
+
+@pytest.mark.xfail(reason="FINDINGS #10", strict=True)
+def test_nested_patch_after_outer_patch(env: Env, m: types.ModuleType) -> None:
+    before_any = m.existing
+    livepatch.apply(load(env, m, PATCH_OUTER), model=IMM)
+    during_outer = m.outer(3)
+    with pytest.raises(ValueError):
+        m.outer(-1)
+    livepatch.apply(load(env, m, PATCH_INNER), model=IMM)
+    # every closure instance of inner runs inner-fix, whichever outer version made it
+    assert before_any(1) == 1002
+    assert during_outer(1) == 1003
+    assert m.outer(4)(1) == 1004
+    livepatch.revert("outer-fix", model=IMM)
+    # outer is the original again; inner-fix is still applied, for new instances too
+    assert m.outer(5)(1) == 1005
+    assert before_any(1) == 1002
+    livepatch.revert("inner-fix", model=IMM)
+    assert (before_any(1), during_outer(1), m.outer(5)(1)) == (2, 3, 5)
+
+
+@pytest.mark.xfail(reason="FINDINGS #10", strict=True)
+def test_outer_patch_after_nested_patch(env: Env, m: types.ModuleType) -> None:
+    before_any = m.existing
+    livepatch.apply(load(env, m, PATCH_INNER), model=IMM)
+    livepatch.apply(load(env, m, PATCH_OUTER), model=IMM)
+    with pytest.raises(ValueError):
+        m.outer(-1)
+    assert before_any(1) == 1002
+    assert m.outer(4)(1) == 1004  # inner-fix still reaches instances the new outer makes
+    livepatch.revert("inner-fix", model=IMM)
+    assert before_any(1) == 2
+    assert m.outer(4)(1) == 4
+    with pytest.raises(ValueError):
+        m.outer(-1)
+    livepatch.revert("outer-fix", model=IMM)
+    assert m.outer(-1)(1) == -1
+
+
+@pytest.mark.xfail(reason="FINDINGS #11", strict=True)
+def test_nested_replacement_changing_defaults(env: Env, m: types.ModuleType) -> None:
+    """inner's defaults are evaluated by outer's code: a replacement of inner alone cannot
+    change them. Either refuse, or make the new default take effect — never ignore it."""
+    text = """
+        import livepatch
+        patch = livepatch.Patch("inner-defaults")
+
+        @patch.function("TARGET_MODULE:outer.<locals>.inner")
+        def inner(x, scale=10):
+            return x * k * scale
+    """
+    patch = load(env, m, text)
+    try:
+        livepatch.apply(patch, model=IMM)
+    except livepatch.UnsafeChange as exc:
+        assert "inner" in str(exc) and "default" in str(exc)
+        assert m.existing(1) == 2
+        return
+    assert m.existing(1) == 20
+    assert m.outer(3)(1) == 30
+
+
+@pytest.mark.xfail(reason="FINDINGS #12", strict=True)
+def test_ambiguous_nested_name(env: Env, m: types.ModuleType) -> None:
+    """Two defs share the qualname branchy.<locals>.inner: patching just one of them
+    (whichever comes first) would be silently partial."""
+    yes, no = m.branchy(True), m.branchy(False)
+    text = """
+        import livepatch
+        patch = livepatch.Patch("ambiguous")
+
+        @patch.function("TARGET_MODULE:branchy.<locals>.inner")
+        def inner():
+            return "patched"
+    """
+    patch = load(env, m, text)
+    try:
+        livepatch.apply(patch, model=IMM)
+    except (livepatch.UnsafeChange, livepatch.TargetNotFound) as exc:
+        assert "branchy.<locals>.inner" in str(exc)
+        assert (yes(), no()) == ("yes", "no")
+        return
+    pytest.fail(f"applied to one of two defs: now {yes()!r} / {no()!r}")
+
+
+@pytest.mark.xfail(reason="FINDINGS #12", strict=True)
+def test_nested_lambda_is_refused(env: Env, m: types.ModuleType) -> None:
+    add = m.maker()
+    text = """
+        import livepatch
+        patch = livepatch.Patch("nested-lambda")
+
+        @patch.function("TARGET_MODULE:maker.<locals>.<lambda>")
+        def replacement(x):
+            return x + 2
+    """
+    with pytest.raises(livepatch.UnsafeChange, match="lambda"):
+        livepatch.apply(load(env, m, text), model=IMM)
+    assert add(1) == 2
+
+
+CLASSY = """
+from __future__ import annotations
+
+
+class Base:
+    def hello(self):
+        return "base"
+
+
+class Account(Base):
+    def __init__(self):
+        self.__balance = 5
+
+    def hello(self):
+        return "account"
+"""
+
+
+def test_new_method_helper_uses_mangling_of_its_class(env: Env) -> None:
+    m = env.source_module(CLASSY, "classy")
+    text = """
+        import livepatch
+        patch = livepatch.Patch("helper-mangling")
+
+        @patch.new("TARGET_MODULE:Account.peek")
+        def peek(self):
+            return self.__balance
+    """
+    livepatch.apply(livepatch.load(env.patch_text(text, m)), model=IMM)
+    assert m.Account().peek() == 5
+
+
+def test_new_method_helper_with_zero_argument_super(env: Env) -> None:
+    m = env.source_module(CLASSY, "classy")
+    text = """
+        import livepatch
+        patch = livepatch.Patch("helper-super")
+
+        @patch.new("TARGET_MODULE:Account.base_hello")
+        def base_hello(self):
+            return "via " + super().hello()
+    """
+    patch = livepatch.load(env.patch_text(text, m))
+    try:
+        livepatch.apply(patch, model=IMM)
+    except livepatch.UnsafeChange as exc:  # a clear refusal is acceptable
+        assert "super" in str(exc) and "base_hello" in str(exc)
+        return
+    assert m.Account().base_hello() == "via base"
+
+
+@pytest.mark.xfail(reason="FINDINGS #13", strict=True)
+def test_new_helper_in_future_annotations_module(env: Env) -> None:
+    m = env.source_module(CLASSY, "classy")
+    text = """
+        import livepatch
+        patch = livepatch.Patch("helper-future")
+
+        @patch.new("TARGET_MODULE:describe")
+        def describe(x):
+            def inner(v: NotDefinedAnywhere) -> str:
+                return str(v)
+
+            return inner(x)
+    """
+    livepatch.apply(livepatch.load(env.patch_text(text, m)), model=IMM)
+    assert m.describe(3) == "3"  # the module's `from __future__ import annotations` holds
