@@ -85,7 +85,10 @@ def _connect_as(uid: int, path: str) -> dict:
                 sock.settimeout(5)
                 sock.connect(path)
                 body = b'{"op": "status"}'
-                sock.sendall(struct.pack(">I", len(body)) + body)
+                try:
+                    sock.sendall(struct.pack(">I", len(body)) + body)
+                except BrokenPipeError:
+                    pass  # refused and closed before we spoke: the reply is still there
                 result["reply"] = recv_frame(sock)
             except OSError as exc:
                 result["oserror"] = exc.errno
