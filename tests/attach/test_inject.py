@@ -7,10 +7,13 @@ so they work for targets of any version, whatever Python runs the tests.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
-from attach_targets import VERSIONS
+from attach_targets import VERSIONS, find_python
 
 from livepatch.agent.attach import run_bootstrap
 from livepatch.agent.inject_bootstrap import bootstrap_source
@@ -87,3 +90,38 @@ def test_bootstrap_fits_its_slot_and_compiles():
     compile(source, "<bootstrap>", "exec")
     with pytest.raises(TypeError):
         bootstrap_source({"result": object()})
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_target_whose_libpython_was_replaced_on_disk(spawn, version, tmp_path):
+    # a package upgrade replaces libpython under running processes ("(deleted)" in maps)
+    python = find_python(version)
+    if python is None:
+        pytest.skip(f"python{version} is not installed")
+    libs = [line.split()[-1] for line in _ldd(python) if "libpython" in line]
+    if not libs:
+        pytest.skip(f"python{version} links libpython statically")
+    copy = tmp_path / Path(libs[0]).name
+    shutil.copy(libs[0], copy)
+    target = spawn(version, "sleep", env={"LD_LIBRARY_PATH": str(tmp_path)})
+    target.expect("tick")
+    copy.unlink()
+    maps = Path(f"/proc/{target.pid}/maps").read_text()
+    assert f"{copy} (deleted)" in maps
+
+    info = probe(target.pid)
+    report = run_bootstrap(info, time.monotonic() + 10, 10, marker="upgraded")
+
+    assert info.python_binary == f"{copy} (deleted)"
+    assert report["marker"] == "upgraded"
+    target.expect("tick")
+    assert target.alive()
+
+
+def _ldd(python: str) -> list[str]:
+    # find-python may answer with a pyenv shim, a script: ask the interpreter itself
+    real = subprocess.run(
+        [python, "-c", "import sys; print(sys.executable)"], capture_output=True, text=True
+    ).stdout.strip()
+    done = subprocess.run(["ldd", real], capture_output=True, text=True, timeout=30)
+    return [line.split("(")[0].strip() for line in done.stdout.splitlines() if "=>" in line]

@@ -109,7 +109,7 @@ def test_remote_debugging_disabled_by_environment_is_refused(spawn):
 
 
 def test_remote_debugging_disabled_by_x_option_is_refused(spawn):
-    target = spawn(OURS, "sleep", options=("-X", "disable_remote_debug"))
+    target = spawn(OURS, "sleep", options=("-W", "ignore", "-X", "disable_remote_debug"))
     with pytest.raises(AttachRefused, match="disable_remote_debug"):
         attach(target.pid, timeout=5)
     _untouched(target.pid)

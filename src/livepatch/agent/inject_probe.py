@@ -229,14 +229,20 @@ def _read_xoptions(proc: Path) -> set[str]:
     except OSError:
         return set()
     options: set[str] = set()
-    for i, arg in enumerate(argv[:-1]):
+    i = 1
+    while i < len(argv) - 1:
+        arg = argv[i]
         # interpreter options stop at the script, `-c` or `-m`
-        if arg in (b"-c", b"-m") or (i > 0 and not arg.startswith(b"-")):
+        if arg in (b"-c", b"-m", b"-") or not arg.startswith(b"-"):
             break
         if arg == b"-X":
-            options.add(argv[i + 1].decode(errors="replace").partition("=")[0])
+            i += 1
+            options.add(argv[i].decode(errors="replace").partition("=")[0])
         elif arg.startswith(b"-X"):
             options.add(arg[2:].decode(errors="replace").partition("=")[0])
+        elif arg in (b"-W", b"--check-hash-based-pycs"):
+            i += 1  # these take a separate argument
+        i += 1
     return options
 
 
@@ -279,7 +285,11 @@ def _find_python(proc: Path, label: str, exe: str) -> tuple[str, tuple[int, int,
         parts = line.split(None, 5)
         if len(parts) == 6 and "libpython" in parts[5] and parts[5] not in seen:
             seen.add(parts[5])
-            candidates.append((parts[5], Path(parts[5])))
+            path = Path(parts[5])
+            if parts[5].endswith(" (deleted)"):
+                # replaced on disk by an upgrade: the mapping itself is still readable
+                path = proc / "map_files" / parts[0]
+            candidates.append((parts[5], path))
     wanted = frozenset({_API_SYMBOL, _VERSION_SYMBOL})
     for shown, path in candidates:
         try:
