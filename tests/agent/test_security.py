@@ -22,6 +22,8 @@ from lp_harness import (
     write_patch,
 )
 
+from livepatch.agent import signing
+
 INTRUDER = "lp-intruder"
 
 
@@ -167,7 +169,7 @@ def greet(name):
 def test_signatures_are_required_once_a_key_is_trusted(lp, make_target) -> None:
     tmp = lp.tmp
     assert cli(lp, "keygen", "--out", str(tmp / "good")).returncode == 0
-    assert cli(lp, "keygen", "--out", str(tmp / "evil")).returncode == 0
+    signing.generate(tmp / "evil.key", tmp / "evil.pub")
     assert stat.S_IMODE(os.stat(tmp / "good.key").st_mode) == 0o600
     marker = tmp / "marker"
     patch = write_patch(tmp, "fix", SIDE_EFFECT_FIX.replace("MARKER", str(marker)))
@@ -187,10 +189,11 @@ def test_signatures_are_required_once_a_key_is_trusted(lp, make_target) -> None:
     assert cli(lp, "sign", str(patch), "--key", str(tmp / "good.key")).returncode == 0
     patch.write_text(patch.read_text() + "\n# changed after signing\n")
     refused("different version")
-    sig = (tmp / "fix.py.sig").read_text().replace("sha256 ", "sha256 0", 1)
-    (tmp / "fix.py.sig").write_text(sig)
-    refused("different version")
-    assert cli(lp, "sign", str(patch), "--key", str(tmp / "good.key")).returncode == 0
+    good = signing.sign(patch.read_bytes(), tmp / "good.key")
+    forged = signing.Signature(good.key_id, good.sha256, bytes(64))
+    (tmp / "fix.py.sig").write_text(forged.dumps())
+    refused("forged")
+    (tmp / "fix.py.sig").write_text(good.dumps())
     done = cli(lp, "apply", str(patch), "--pid", str(target.pid), "--model", "immediate")
     assert done.returncode == 0, done.stderr
     assert target.ask("greet s") == "SIGNED s"
