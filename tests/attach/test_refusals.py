@@ -7,6 +7,7 @@ import json
 import os
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -97,6 +98,24 @@ def test_this_process_and_its_threads_are_refused():
     finally:
         leave.set()
         thread.join()
+
+
+def test_stopped_process_is_refused_and_resumes(spawn):
+    target = spawn(OURS, "sleep")
+    target.expect("tick")
+    os.kill(target.pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 10
+        while "State:\tT" not in Path(f"/proc/{target.pid}/status").read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(AttachRefused, match=f"is stopped.*kill -CONT {target.pid}"):
+            attach(target.pid, timeout=5)
+        _untouched(target.pid)
+    finally:
+        os.kill(target.pid, signal.SIGCONT)
+    target.expect("tick")
+    assert target.alive()
 
 
 def test_remote_debugging_disabled_by_environment_is_refused(spawn):

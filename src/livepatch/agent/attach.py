@@ -223,7 +223,7 @@ def _verify(pid: int, socket: Path, deadline: float) -> None:
     try:
         with AgentClient(pid, path=socket, timeout=max(0.5, deadline - time.monotonic())) as c:
             hello = c.request("hello")
-    except PatchError as exc:
+    except (PatchError, OSError) as exc:
         raise AttachFailed(
             f"the agent of process {pid} does not answer on {socket}: {exc}"
         ) from None

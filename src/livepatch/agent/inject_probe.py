@@ -7,7 +7,8 @@ stops, signals or writes to the target, so a refusal leaves no trace in it.
 
 The checks, in the order a user would want to hear about them:
 
-- the pid names a live process (not a zombie, not a thread of another process, not us);
+- the pid names a live, running process (not a zombie, not stopped, not a thread of
+  another process, not us);
 - the kernel lets us ptrace it: same user or CAP_SYS_PTRACE, Yama's `ptrace_scope`, no
   other tracer (a debugger) already attached;
 - the process has not opted out of remote debugging (`PYTHON_DISABLE_REMOTE_DEBUG` in its
@@ -84,6 +85,12 @@ def probe(pid: int) -> Target:
     if status.state.startswith(("Z", "X")):
         raise AttachRefused(
             f"{label} has exited or its main thread has; attach needs a live main thread"
+        )
+    if status.state.startswith(("T", "t")):
+        # ptrace would wait for a stopped thread to run, and so would the attach
+        raise AttachRefused(
+            f"{label} is stopped (SIGSTOP, Ctrl-Z or a debugger); resume it with "
+            f"'kill -CONT {pid}' and retry"
         )
     if status.tgid != pid:
         raise AttachRefused(f"{pid} is a thread of process {status.tgid}; attach to {status.tgid}")
