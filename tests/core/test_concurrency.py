@@ -1,0 +1,124 @@
+"""Patching while other threads call the function: every call runs one whole version (old
+code with old defaults, or new code with new defaults) — never a mixture, never an error.
+Also: applies and reverts from many threads at once keep the version stacks consistent."""
+
+from __future__ import annotations
+
+import collections
+import sys
+import threading
+import types
+from collections.abc import Iterator
+
+import pytest
+
+import livepatch
+
+from .conftest import Env
+
+TARGET = """
+def f(a, *, b=1):
+    return a + b
+
+
+def g(a, b=10):
+    return a + b
+"""
+
+PATCH = """
+import livepatch
+patch = livepatch.Patch("NAME")
+
+
+@patch.function("TARGET_MODULE:f")
+def f(a, *, b=1, c=2):
+    return a + b + c
+
+
+@patch.function("TARGET_MODULE:g")
+def g(a, b=10, c=20):
+    return a + b + c
+"""
+
+
+@pytest.fixture
+def fast_switching() -> Iterator[None]:
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
+
+
+@pytest.fixture
+def m(env: Env) -> types.ModuleType:
+    return env.source_module(TARGET, "conc")
+
+
+def hammer(m: types.ModuleType, stop: threading.Event,
+           seen: collections.Counter[object]) -> None:
+    while not stop.is_set():
+        for fn in (m.f, m.g):
+            try:
+                seen[fn(0)] += 1
+            except Exception as exc:  # noqa: BLE001 - counted and asserted on
+                seen[f"{type(exc).__name__}: {exc}"] += 1
+
+
+@pytest.mark.parametrize(
+    "model",
+    ["immediate", pytest.param("hybrid", marks=pytest.mark.xfail(reason="FINDINGS #14",
+                                                                  strict=True))],
+)
+def test_callers_never_see_a_half_installed_function(
+    env: Env, m: types.ModuleType, model: str, fast_switching: None
+) -> None:
+    patch = livepatch.load(env.patch_text(PATCH.replace("NAME", f"conc-{model}"), m))
+    stop = threading.Event()
+    seen: collections.Counter[object] = collections.Counter()
+    threads = [threading.Thread(target=hammer, args=(m, stop, seen)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(400 if model == "hybrid" else 150):
+            livepatch.apply(patch, model=model, timeout=10)
+            livepatch.revert(patch.name, model=model, timeout=10)
+            if any(isinstance(k, str) for k in list(seen)):
+                break  # a failure was seen: no need to go on
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert set(seen) <= {1, 3, 10, 30}, {k: v for k, v in seen.items() if isinstance(k, str)}
+    assert (m.f(0), m.g(0)) == (1, 10)
+
+
+def test_concurrent_applies_and_reverts_keep_stacks_consistent(env: Env,
+                                                               m: types.ModuleType) -> None:
+    patches = [
+        livepatch.load(env.patch_text(PATCH.replace("NAME", f"thread-{i}"), m))
+        for i in range(8)
+    ]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(patches))
+
+    def churn(p: livepatch.Patch) -> None:
+        try:
+            barrier.wait()
+            for _ in range(15):
+                livepatch.apply(p, model="immediate")
+                assert p.name in [a.name for a in livepatch.patches()]
+                livepatch.revert(p.name, model="immediate")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=churn, args=(p,)) for p in patches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert livepatch.patches() == []
+    assert (m.f(0), m.g(0)) == (1, 10)
+    assert m.f.__kwdefaults__ == {"b": 1} and m.g.__defaults__ == (10,)
