@@ -4,7 +4,6 @@ and multiprocessing children getting agents of their own."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -22,7 +21,11 @@ PROBE = (
 def test_pth_hook_starts_the_agent_only_when_asked(lp) -> None:
     site_dir = lp.tmp / "site"
     site_dir.mkdir()
-    shutil.copy(STARTUP / "livepatch-agent.pth", site_dir)
+    install = [sys.executable, "-m", "livepatch.agent.boot", "install", str(site_dir)]
+    subprocess.run(install, check=True, capture_output=True, timeout=30)
+    assert (site_dir / "livepatch-agent.pth").read_text() == (
+        STARTUP / "livepatch-agent.pth"
+    ).read_text()
     off = subprocess.run(
         [sys.executable, "-c", PROBE, str(site_dir)],
         env=lp.env,
