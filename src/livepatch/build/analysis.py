@@ -170,6 +170,10 @@ class ModulePlan:
     helpers: list[Helper] = field(default_factory=list)
     replacements: list[Replacement] = field(default_factory=list)
     rebinds: list[DataRebind] = field(default_factory=list)
+    #: new helpers other modules of the patch import: name → [(module, bound name)]
+    shared: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    #: imports of names that another module's section provides (a shared helper)
+    borrowed: list[ImportBinding] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:

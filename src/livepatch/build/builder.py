@@ -164,6 +164,7 @@ def build_trees(
         changes += outcome.changes
         if outcome.plan is not None and not outcome.plan.empty:
             plans.append(outcome.plan)
+    refusals += _share_helpers(plans)
     expects: dict[str, str] = {}
     for plan in plans:
         for rep in plan.replacements:
@@ -180,6 +181,35 @@ def build_trees(
     patch_name = name or f"build-{digest.hexdigest()[:10]}"
     text = _render(old, new, plans, changes, notes, expects, patch_name, description)
     return BuildResult(text, patch_name, changes, notes, [p.new.name for p in plans])
+
+
+def _share_helpers(plans: list[ModulePlan]) -> list[Refusal]:
+    """Resolve ``from .util import helper`` where the patch adds `helper` to util itself.
+
+    The helper does not exist in the live module when the patch file loads, so the import
+    cannot run then; both bindings are made by one callback at apply time instead.
+    """
+    refusals = []
+    by_module = {plan.new.name: plan for plan in plans}
+    for plan in plans:
+        for binding in list(plan.imports):
+            provider = by_module.get(binding.module)
+            if binding.attr is None or provider is None:
+                continue
+            if binding.attr in provider.old.bindings:
+                continue  # the live module has it: an ordinary import
+            if not any(h.unit.target == binding.attr for h in provider.helpers):
+                refusals.append(Refusal(
+                    plan.new.path, binding.line, f"{plan.new.name}:{binding.name}",
+                    Reason.NOT_UNDERSTOOD,
+                    f"the new code imports {binding.attr} from {binding.module}, where it is "
+                    "new and not a function this patch adds", Hint.UPGRADE,
+                ))
+                continue
+            plan.imports.remove(binding)
+            plan.borrowed.append(binding)
+            provider.shared.setdefault(binding.attr, []).append((plan.new.name, binding.name))
+    return refusals
 
 
 def _render(
@@ -220,7 +250,7 @@ def _render(
     ]
     for plan in plans:
         lines += emit.module_section(plan, patch_var, expects)
-    lines += emit.import_callbacks(plans, patch_var)
+    lines += emit.binding_callbacks(plans, patch_var)
     lines += emit.data_callbacks(plans, patch_var)
     text = "\n".join(lines).rstrip("\n") + "\n"
     try:

@@ -23,6 +23,7 @@ _DATA_NEW = "_lp_new_data"
 _DATA_OLD = "_lp_old_data"
 _SYS = "_lp_sys"
 _IMPORTS = "_lp_imports"
+_BOUND = "_lp_bound"
 
 
 def string_literal(text: str, indent: str = "    ") -> str:
@@ -118,7 +119,11 @@ def module_section(
             if binding.attr is None:
                 out.append(f'{patch_var}.new("{module}:{binding.name}", {binding.name})')
             else:
-                out.append(f'{_IMPORTS}.append(("{module}", "{binding.name}", {binding.name}))')
+                out.append(
+                    f'{_IMPORTS}.append(("{module}", "{binding.name}", {binding.name}, None))'
+                )
+    for binding in plan.borrowed:
+        out += ["", f"# {binding.name}: the patch adds it to {binding.module}; bound with it below"]
     if plan.constants:
         out += [
             "",
@@ -136,8 +141,19 @@ def module_section(
             out.append(f"{item.unit.name} = {value}")
             out.append(f'{patch_var}.new("{module}:{item.unit.name}", {item.unit.name})')
     for helper in plan.helpers:
-        out += ["", "", f'@{patch_var}.new("{helper.target}")']
+        users = plan.shared.get(helper.unit.target)
+        if users is None:
+            out += ["", "", f'@{patch_var}.new("{helper.target}")']
+            out += def_text(new, helper.unit.node).rstrip("\n").split("\n")
+            continue
+        names = ", ".join(f"{m}:{n}" for m, n in users)
+        out += ["", "", f"# new helper, also imported by {names}: bound by _lp_bind_imports"]
         out += def_text(new, helper.unit.node).rstrip("\n").split("\n")
+        name = helper.unit.node.name
+        out.append("")
+        out.append(f'{_IMPORTS}.append(("{module}", "{name}", {name}, "{module}"))')
+        for user_module, user_name in users:
+            out.append(f'{_IMPORTS}.append(("{user_module}", "{user_name}", {name}, "{module}"))')
     for rep in plan.replacements:
         out += ["", ""]
         scope = _scope_names(rep)
@@ -184,43 +200,61 @@ def _key(module: str, rebind: DataRebind) -> str:
 def prelude(plans: list[ModulePlan]) -> list[str]:
     """Shared state of the callbacks at the end of the file, if any are needed."""
     rebinds = any(p.rebinds for p in plans)
-    imports = any(b.attr is not None for p in plans for b in p.imports)
+    imports = _needs_bindings(plans)
     if not (rebinds or imports):
         return []
     out = ["", f"import sys as {_SYS}", ""]
     if imports:
-        out.append(f"{_IMPORTS}: list = []  # (module, name, value) bound by _lp_bind_imports")
+        out.append(f"{_IMPORTS}: list = []  # (module, name, value, home): _lp_bind_imports")
+        out.append(f"{_BOUND}: list = []  # what _lp_bind_imports bound, for the revert")
     if rebinds:
         out += [f"{_DATA_NEW}: dict = {{}}", f"{_DATA_OLD}: dict = {{}}"]
     return out
 
 
-def import_callbacks(plans: list[ModulePlan], patch_var: str) -> list[str]:
-    if not any(b.attr is not None for p in plans for b in p.imports):
+def _needs_bindings(plans: list[ModulePlan]) -> bool:
+    return any(p.shared or any(b.attr is not None for b in p.imports) for p in plans)
+
+
+def binding_callbacks(plans: list[ModulePlan], patch_var: str) -> list[str]:
+    if not _needs_bindings(plans):
         return []
     return [
         "",
         "",
-        "# == names imported with `from ... import` ========================================",
-        "# Bound by callbacks rather than patch.new, which would rebuild an imported",
-        "# function on the target module's globals.",
+        "# == names imported with `from ... import`, and helpers shared between modules ====",
+        "# Bound by callbacks rather than patch.new, which would rebuild an imported function",
+        "# on the target module's globals; a helper with a home module runs with its globals.",
         "",
         "",
         f"@{patch_var}.pre_patch",
         "def _lp_bind_imports():",
-        f"    for module, name, value in {_IMPORTS}:",
-        f"        present = vars({_SYS}.modules[module]).get(name, value)",
-        "        if present is not value:",
+        "    built = {}",
+        "    values = []",
+        f"    for module, name, value, home in {_IMPORTS}:",
+        "        if home is not None:",
+        "            if id(value) not in built:",
+        f"                fn = type(value)(value.__code__, vars({_SYS}.modules[home]),",
+        "                                 value.__name__, value.__defaults__)",
+        "                fn.__kwdefaults__, fn.__doc__ = value.__kwdefaults__, value.__doc__",
+        "                fn.__module__ = home",
+        "                built[id(value)] = fn",
+        "            value = built[id(value)]",
+        "        values.append((module, name, value))",
+        "    for module, name, value in values:",
+        f"        if vars({_SYS}.modules[module]).get(name, value) is not value:",
         '            raise RuntimeError(f"{module}:{name} exists already; not shadowing it")',
-        f"    for module, name, value in {_IMPORTS}:",
+        "    for module, name, value in values:",
         f"        setattr({_SYS}.modules[module], name, value)",
+        f"    {_BOUND}[:] = values",
         "",
         "",
         f"@{patch_var}.post_unpatch",
         "def _lp_unbind_imports():",
-        f"    for module, name, value in {_IMPORTS}:",
+        f"    for module, name, value in {_BOUND}:",
         f"        if vars({_SYS}.modules[module]).get(name) is value:",
         f"            delattr({_SYS}.modules[module], name)",
+        f"    {_BOUND}.clear()",
     ]
 
 
