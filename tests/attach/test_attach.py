@@ -29,7 +29,7 @@ def _hello(pid: int, socket: str) -> dict:
         return client.request("hello")
 
 
-@pytest.mark.parametrize("mode", ["sleep", "busy"])
+@pytest.mark.parametrize("mode", ["sleep", "busy", "asyncio", "join"])
 def test_attach_to_a_running_program(spawn, isolated_env, mode):
     target = spawn(OURS, mode)
     target.expect("tick")
