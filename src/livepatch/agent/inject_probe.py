@@ -216,9 +216,14 @@ def _read_environ(proc: Path, label: str) -> dict[str, str]:
     except FileNotFoundError:
         raise AttachRefused(f"{label} has exited") from None
     except OSError as exc:
+        advice = (
+            "the kernel protects it even from root (another user namespace?)"
+            if os.geteuid() == 0
+            else "run livepatch attach as its user or root"
+        )
         raise AttachRefused(
             f"cannot read the environment of {label} ({exc.strerror}); "
-            "ptrace is not permitted for you on it: run livepatch attach as its user or root"
+            f"ptrace is not permitted for you on it: {advice}"
         ) from None
     environ: dict[str, str] = {}
     for entry in raw.split(b"\0"):
