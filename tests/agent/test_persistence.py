@@ -89,3 +89,32 @@ def test_forked_child_gets_its_own_agent_and_inherits_patches(lp, target) -> Non
         import signal
 
         os.kill(child, signal.SIGKILL)
+
+
+LATE_START = """
+import threading, greeter, livepatch.agent as agent
+agent.start()  # late: greeter is loaded and callable already
+for thread in threading.enumerate():
+    if thread.name == "livepatch-restore":
+        thread.join(20)
+print(greeter.greet("x"))
+"""
+
+
+def test_agent_started_late_applies_recorded_patches_to_loaded_modules(lp, make_target) -> None:
+    import subprocess
+    import sys
+
+    from lp_harness import FIXTURES
+
+    first = make_target(LIVEPATCH_PROGRAM="shared-program")
+    patch = write_patch(lp.tmp, "fix", GREET_FIX)
+    assert cli(lp, "apply", str(patch), "--pid", str(first.pid)).returncode == 0
+    env = {**lp.env, "LIVEPATCH_PROGRAM": "shared-program", "PYTHONPATH": str(FIXTURES)}
+    done = subprocess.run(
+        [sys.executable, "-c", LATE_START], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert done.stdout.strip() == "HELLO x", done.stderr
+    restored = [r for r in lp.audit_records() if r["pid"] != first.pid]
+    assert restored and restored[-1]["result"] == "ok"
+    assert "restored" in restored[-1]["message"]

@@ -273,16 +273,28 @@ def restore(state: AgentState, on_error: Callable[[str], None]) -> list[str]:
             on_error(f"recorded patch {record.name} not restored: {exc}")
             continue
         missing = [m for m in target_modules(patch) if m not in sys.modules]
+        pending = Pending(patch, record, missing, _deferred_done(state, None))
         if missing:
-            state.deferred.add(Pending(patch, record, missing, _deferred_done(state, None)))
+            state.deferred.add(pending)
         else:
-            try:
-                livepatch.apply(patch, model=record.model, wait=True)
-            except PatchError as exc:
-                on_error(f"recorded patch {record.name} not restored: {exc}")
-                continue
+            # start() was called late, with the modules loaded and maybe running: apply
+            # under the recorded model without making start() wait for the transition
+            threading.Thread(
+                target=_restore_now, args=(pending,), name="livepatch-restore", daemon=True
+            ).start()
         restored.append(record.name)
     return restored
+
+
+def _restore_now(pending: Pending) -> None:
+    import livepatch
+
+    error: BaseException | None = None
+    try:
+        livepatch.apply(pending.patch, model=pending.record.model, wait=True)
+    except BaseException as exc:
+        error = exc
+    pending.on_done(pending, error)
 
 
 def _load(state: AgentState, request: Request) -> Any:
@@ -333,16 +345,19 @@ def _deferred_done(
                 peer_pid=peer.pid if peer else None,
                 patch=pending.record.name,
                 sha256=pending.record.sha256,
-                model="immediate",
-                message="applied when its module was imported"
-                if error is None
-                else _one_line(error),
+                model=pending.record.model if not pending.modules else "immediate",
+                message=(
+                    ("restored from the program's records" if peer is None else "applied")
+                    + (" when its module was imported" if pending.modules else "")
+                    if error is None
+                    else _one_line(error)
+                ),
             )
         )
         if error is not None:
             print(
-                f"livepatch agent: pending patch {pending.record.name} failed when its "
-                f"module was imported: {_one_line(error)}",
+                f"livepatch agent: patch {pending.record.name} could not be applied: "
+                f"{_one_line(error)}",
                 file=sys.stderr,
             )
 
