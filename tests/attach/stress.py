@@ -5,8 +5,9 @@
 For every installed Python 3.11-3.13 and every target mode (sleeping, busy, blocked on a
 pipe), start one target, inject the marker bootstrap N times, check after each that it
 reported and that the target still runs correctly, and print the median and worst time
-of the ptrace injection proper and of the whole round trip. Then time N full attaches
-(agent included) into fresh targets of this interpreter's version.
+of the ptrace injection proper and of the whole round trip; also inject N times while
+lines stream into a pipe-blocked target and check every line comes back in order. Then
+time N full attaches (agent included) into fresh targets of this interpreter's version.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -50,6 +52,7 @@ def main(n: int) -> int:
         if python is None:
             print(f"python{version}: not installed")
             continue
+        print(f"python{version} pipe under load: {_pipe_under_load(python, env, n)}")
         for mode in ("sleep", "busy", "pipe"):
             target = Target([python, str(TARGET), mode], env)
             ptrace_times.clear()
@@ -94,6 +97,41 @@ def main(n: int) -> int:
             f"{statistics.median(elapsed) * 1e3:.0f} ms, max {max(elapsed) * 1e3:.0f} ms"
         )
     return 1 if failures else 0
+
+
+def _pipe_under_load(python: str, env: dict[str, str], n: int) -> str:
+    """Inject n times while lines stream into the target's stdin; every line must echo."""
+    target = Target([python, str(TARGET), "pipe"], env)
+    stop = threading.Event()
+    sent: list[int] = []
+
+    def writer() -> None:
+        while not stop.is_set():
+            target.send(f"n{len(sent)}")
+            sent.append(len(sent))
+            time.sleep(0.0005)
+
+    feeding = threading.Thread(target=writer)
+    try:
+        info = probe(target.pid)
+        feeding.start()
+        reports = [run_bootstrap(info, time.monotonic() + 10, 10, marker=f"m{i}") for i in range(n)]
+        stop.set()
+        feeding.join()
+        target.send("exit")
+        echoed = []
+        while (line := target.expect("", timeout=10)) != "bye":
+            echoed.append(int(line.split()[1][1:]))
+        status = target.proc.wait(timeout=10)
+    finally:
+        stop.set()
+        target.stop()
+    ok = sum(r.get("marker") == f"m{i}" for i, r in enumerate(reports))
+    complete = echoed == list(range(len(sent)))
+    return (
+        f"{ok}/{n} injections ok; {len(sent)} lines sent, {len(echoed)} echoed, "
+        f"{'complete and in order' if complete else 'LOST OR REORDERED'}; exit status {status}"
+    )
 
 
 if __name__ == "__main__":
