@@ -454,11 +454,11 @@ def _dry_run(pid: int, request: dict[str, Any], tree: bool, defer: bool, as_json
             out.print(f"  note: {note}")
         running = res.get("running") or []
         if running:
-            out.print("  running patched functions right now:")
+            out.print("  tasks running patched functions right now:")
             for entry in running:
-                out.print(f"    {entry['thread']}: {'; '.join(entry['frames'])}")
+                out.print(f"    {entry['task']}: {'; '.join(entry['frames'])}")
         else:
-            out.print("  no thread runs a patched function right now")
+            out.print("  no task runs a patched function right now")
 
 
 def _apply_tree(pid: int, request: dict[str, Any], timeout: float, as_json: bool) -> None:

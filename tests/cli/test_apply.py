@@ -58,8 +58,9 @@ def test_dry_run_verifies_and_reports_running_threads_without_change(lp, target)
     assert [c["target"] for c in proc["changes"]] == ["greeter:slow"]
     running = proc["running"]
     assert len(running) == 1 and "greeter:slow" in running[0]["frames"][0]
+    assert running[0]["task"].startswith("thread ")
     text = cli(lp, "apply", str(patch), "--pid", str(target.pid), "--dry-run").stdout
-    assert "running patched functions right now" in text and "nothing was changed" in text
+    assert "tasks running patched functions right now" in text and "nothing was changed" in text
     code, status = cli_json(lp, "status", "--pid", str(target.pid))
     assert status["patches"] == [] and status["transition"] is None
     assert [r["event"] for r in lp.audit_records()] == ["plan", "plan"]

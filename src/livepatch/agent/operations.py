@@ -225,9 +225,10 @@ _HANDLERS: dict[str, Callable[[AgentState, Request], dict[str, Any]]] = {
 
 
 def running_targets(patch: Any) -> list[dict[str, Any]]:
-    """Which threads run a function the patch changes right now, and where.
+    """Which tasks (threads, asyncio tasks) run a function the patch changes right now.
 
-    Reads `sys._current_frames()` once: a snapshot, since threads keep running.
+    A snapshot — tasks keep running — taken from the same view of tasks and stacks the
+    transition uses, plus suspended generators/coroutines that hold such a frame.
     """
     from livepatch import locate
 
@@ -240,6 +241,33 @@ def running_targets(patch: Any) -> list[dict[str, Any]]:
         codes[target.code] = spec.target
     if not codes:
         return []
+    try:
+        return _running_in_tasks(codes)
+    except Exception:  # the engine's task view changed: fall back to plain threads
+        return _running_in_threads(codes)
+
+
+def _running_in_tasks(codes: dict[CodeType, str]) -> list[dict[str, Any]]:
+    from livepatch import tasks
+
+    snapshot = sys._current_frames()
+    found = []
+    for info in tasks.all_tasks():
+        hits = [
+            f"{codes[f.f_code]} ({tasks.describe(f)})"
+            for f in tasks.frames_of(info, snapshot)
+            if f.f_code in codes
+        ]
+        if hits:
+            found.append({"task": info.name, "frames": hits})
+    for gen in tasks.suspended_with(codes):
+        frame = tasks.frame_of(gen)
+        if frame is not None:
+            found.append({"task": tasks.describe_gen(gen), "frames": [codes[frame.f_code]]})
+    return found
+
+
+def _running_in_threads(codes: dict[CodeType, str]) -> list[dict[str, Any]]:
     names = {t.ident: t.name for t in threading.enumerate()}
     found = []
     for ident, frame in sys._current_frames().items():
@@ -250,7 +278,7 @@ def running_targets(patch: Any) -> list[dict[str, Any]]:
                 hits.append(f"{codes[f.f_code]} ({f.f_code.co_filename}:{f.f_lineno})")
             f = f.f_back
         if hits:
-            found.append({"thread": names.get(ident, f"thread {ident}"), "frames": hits})
+            found.append({"task": f"thread {names.get(ident, ident)}", "frames": hits})
     return found
 
 
