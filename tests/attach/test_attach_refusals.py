@@ -10,15 +10,18 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from attach_targets import OURS, VERSIONS, Target
 
 from livepatch.agent.attach import AttachRefused, attach
+from livepatch.agent.inject_stub import inject, stub_library
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -154,8 +157,8 @@ NOBODY = 65534
 SYSTEM_PYTHON = Path(f"/usr/bin/python{OURS}")
 
 
-def _attach_as(uid: int, pid: int) -> tuple[str, str]:
-    """Run attach(pid) in a forked child that dropped to `uid`; its error code and message."""
+def _attach_as(uid: int, pid: int, action: Callable[[int], object] = attach) -> tuple[str, str]:
+    """Run action(pid) in a forked child that dropped to `uid`; its error code and message."""
     read_end, write_end = os.pipe()
     with warnings.catch_warnings():
         # the child only probes and exits: the threads it does not inherit do not matter
@@ -167,7 +170,7 @@ def _attach_as(uid: int, pid: int) -> tuple[str, str]:
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
-            attach(pid, timeout=5)
+            action(pid)
         except BaseException as exc:
             message = f"{getattr(exc, 'code', type(exc).__name__)}|{exc}"
         os.write(write_end, message.encode()[:4000])
@@ -205,14 +208,25 @@ def test_same_user_is_refused_when_the_kernel_says_no(isolated_env):
     )
     argv = [str(SYSTEM_PYTHON), "-c", program]
     target = Target(argv, isolated_env, user=NOBODY, group=NOBODY, extra_groups=[], cwd="/")
+    shared = Path(tempfile.mkdtemp(prefix="livepatch-stub-"))
     try:
         code, message = _attach_as(NOBODY, target.pid)
         assert code == "attach-refused", message
         assert "ptrace is not permitted" in message
+        # and had the probe let it through, the injector's own EPERM is a refusal too
+        shared.chmod(0o755)
+        stub = shared / "stub.so"
+        shutil.copy(stub_library(), stub)
+        stub.chmod(0o644)
+        code, message = _attach_as(NOBODY, target.pid, lambda pid: inject(pid, stub))
+        assert code == "attach-refused", message
+        assert f"ptrace is not permitted on process {target.pid}" in message
         target.expect("tick")
         assert target.alive()
+        assert "stub" not in Path(f"/proc/{target.pid}/maps").read_text()
     finally:
         target.stop()
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to hold a tracer")
