@@ -14,6 +14,7 @@ import sys
 
 import pytest
 from lp_harness import (
+    FIXTURES,
     GREET_FIX,
     cli,
     cli_json,
@@ -227,3 +228,43 @@ def test_audit_log_and_sys_audit_events(lp, make_target) -> None:
     # `livepatch log` reads the same records back
     code, log = cli_json(lp, "log", "--pid", str(target.pid))
     assert code == 0 and [r["event"] for r in log] == ["apply", "apply", "revert"]
+
+
+TRUSTING_PROGRAM = """
+import sys, greeter, livepatch.agent as agent
+path = agent.start(trusted_keys=[sys.argv[1]])
+assert agent.start() == path  # idempotent
+print("ready", flush=True)
+for line in sys.stdin:
+    print(greeter.greet("k"), flush=True)
+"""
+
+
+def test_start_argument_makes_the_process_require_signatures(lp) -> None:
+    signing.generate(lp.tmp / "trusted.key", lp.tmp / "trusted.pub")
+    env = {**lp.env, "PYTHONPATH": str(FIXTURES)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TRUSTING_PROGRAM, str(lp.tmp / "trusted.pub")],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        patch = write_patch(lp.tmp, "fix", GREET_FIX)
+        done = cli(lp, "apply", str(patch), "--pid", str(proc.pid))
+        assert done.returncode == 1 and "only accepts signed patches" in done.stderr
+        code, hello = cli_json(lp, "status", "--pid", str(proc.pid))
+        assert hello["agent"]["signatures_required"] is True and hello["patches"] == []
+        signed = signing.sign(patch.read_bytes(), lp.tmp / "trusted.key")
+        (lp.tmp / "fix.py.sig").write_text(signed.dumps())
+        assert cli(lp, "apply", str(patch), "--pid", str(proc.pid)).returncode == 0
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "HELLO k"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        proc.stdin.close()
+        proc.stdout.close()
