@@ -268,3 +268,29 @@ def test_start_argument_makes_the_process_require_signatures(lp) -> None:
         proc.wait(timeout=10)
         proc.stdin.close()
         proc.stdout.close()
+
+
+def test_a_socket_served_by_another_process_is_not_trusted(lp) -> None:
+    lp.socket_dir.mkdir(parents=True, mode=0o700)
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    impostor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        impostor.bind(str(lp.socket_of(victim.pid)))
+        impostor.listen(1)
+        patch = write_patch(lp.tmp, "fix", GREET_FIX)
+        done = cli(lp, "apply", str(patch), "--pid", str(victim.pid))
+        assert done.returncode == 3
+        assert f"served by pid {os.getpid()}" in done.stderr
+        impostor.settimeout(0.2)
+        try:
+            conn, _ = impostor.accept()
+        except TimeoutError:
+            conn = None
+        if conn is not None:  # the client connected, found out, and sent nothing
+            conn.settimeout(2)
+            assert conn.recv(100) == b""
+            conn.close()
+    finally:
+        impostor.close()
+        victim.kill()
+        victim.wait()

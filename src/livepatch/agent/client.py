@@ -4,7 +4,8 @@
 time: `request()` returns the result, calling `on_progress` for each progress message in
 between. An error reply is raised as `RemoteError`, carrying the agent's code and message
 unchanged; losing the connection before the result is raised as `LostConnection`, whose
-message tells whether the process is still there.
+message tells whether the process is still there. Before sending anything, the client
+checks with SO_PEERCRED that the process listening on the socket is the pid it asked for.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from livepatch.agent import discovery, protocol
+from livepatch.agent.peercred import peer_of
 from livepatch.errors import PatchError
 
 
@@ -66,6 +68,16 @@ class AgentClient:
         except OSError as exc:
             self.sock.close()
             raise Unreachable(f"cannot connect to the agent of pid {pid}: {exc}") from None
+        # The kernel says who listens on the socket. Anyone can name a socket
+        # agent-<pid>.sock in a directory of their own: never send a patch to it unless
+        # process <pid> itself is the one listening.
+        server = peer_of(self.sock)
+        if server.pid != pid:
+            self.sock.close()
+            raise Unreachable(
+                f"{self.path} is served by pid {server.pid} (uid {server.uid}), not by "
+                f"pid {pid}; remove that socket file or check the pid"
+            )
 
     def __enter__(self) -> AgentClient:
         return self
