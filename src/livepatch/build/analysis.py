@@ -316,6 +316,8 @@ class ModuleAnalysis:
         self.helpers[unit.target] = unit
 
     def compare_unit(self, old: FunctionUnit, new: FunctionUnit) -> None:
+        if _text(self.old, old) == _text(self.new, new) and old.classes == new.classes:
+            return  # the same text in the same place: at most a line shift, not a change
         verdict = compare_functions(old, new)
         if verdict.status is Status.SAME:
             if _text(self.old, old) != _text(self.new, new):
@@ -469,8 +471,15 @@ class ModuleAnalysis:
                             "a field changed; live instances have the old layout", Hint.SHADOW)
                 continue
             if before is None:
-                # a new class attribute: reads of it need it on the live class
-                self._class_rebind(new, unit, what, "new class attribute")
+                # a new name on the live class: added before any new code runs, like a helper
+                kind = self.value_kind(unit.value)
+                if kind in (ValueKind.IMMUTABLE, ValueKind.MUTABLE):
+                    self.plan.values.append(NewValue(unit, []))
+                    self.change(unit.line, what, ChangeKind.VALUE, "new class attribute")
+                else:
+                    self.refuse(unit.line, what, Reason.CLASS_DATA,
+                                f"new class attribute whose value is a {kind.value} the "
+                                "builder will not run", Hint.CALLBACK)
                 continue
             self._class_rebind(new, unit, what, "class attribute changed")
         for name, unit in old.data.items():
@@ -522,14 +531,18 @@ class ModuleAnalysis:
         re_names = {n for n, b in model.imports.items() if b.module == "re" and b.attr is None}
         seen: set[str] = set()
 
+        refs = frozenset(
+            n for n, kind in model.bindings.items() if kind in ("function", "class", "import")
+        )
+
         def resolve(name: str) -> ValueKind | None:
             unit = model.data.get(name)
             if unit is None or name in seen:
                 return None
             seen.add(name)
-            return classify(unit.value, resolve, re_names)
+            return classify(unit.value, resolve, re_names, refs)
 
-        return classify(expr, resolve, re_names)
+        return classify(expr, resolve, re_names, refs)
 
     def readers(self, name: str) -> list[FunctionUnit]:
         """Top-level units and methods of the new version that read global `name`."""
@@ -611,6 +624,10 @@ class ModuleAnalysis:
     def changed_value(self, name: str, unit: DataUnit) -> None:
         kind = self.value_kind(unit.value)
         readers = self.readers(name)
+        if _is_dunder(name) and not readers and name not in self.derived_from:
+            # __version__, __version_info__, __all__...: metadata nothing here reads
+            self.note(unit.line, name, NoteKind.METADATA, _short(self.old, self.old.data[name]))
+            return
         if kind is ValueKind.CODE:
             self.refuse(unit.line, name, Reason.LAMBDA, "a lambda changed; lambdas cannot be "
                         "patched by name — turn it into a def", Hint.UPGRADE)
@@ -815,7 +832,8 @@ class ModuleAnalysis:
     def _need_live(self, name: str, line: int, what: str) -> None:
         if name in self.renames.values() or name in self.renames:
             return
-        provided = {b.name for b in self.plan.imports} | {v.unit.name for v in self.plan.values}
+        provided = {b.name for b in self.plan.imports}
+        provided |= {v.unit.name for v in self.plan.values if not v.unit.owner}
         if name in provided:
             return
         if name in self.old.bindings and self.old.bindings[name] != "several":
@@ -897,6 +915,10 @@ def _has_fields(node: ast.ClassDef) -> bool:
 
 def _members(cls: ClassUnit) -> dict[str, str]:
     return {k: dump(v.value) for k, v in cls.data.items() if not k.startswith("_")}
+
+
+def _is_dunder(name: str) -> bool:
+    return len(name) > 4 and name.startswith("__") and name.endswith("__")
 
 
 def _descends(target: str, ancestor: str, model: ModuleModel) -> bool:

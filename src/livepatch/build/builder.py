@@ -14,7 +14,6 @@ not as a wrong patch in a production process.
 from __future__ import annotations
 
 import ast
-import copy
 import dataclasses
 import hashlib
 import os
@@ -32,6 +31,7 @@ from livepatch.build.analysis import (
     Options,
     Replacement,
 )
+from livepatch.build.compare import canon
 from livepatch.build.model import ModuleModel, ParseFailed, parse_module
 from livepatch.build.refusal import BuildRefused, Hint, Reason, Refusal
 from livepatch.build.segments import SegmentError, def_text
@@ -165,12 +165,14 @@ def build_trees(
         if outcome.plan is not None and not outcome.plan.empty:
             plans.append(outcome.plan)
     refusals += _share_helpers(plans)
+    if refusals:
+        raise BuildRefused(refusals)
     expects: dict[str, str] = {}
     for plan in plans:
         for rep in plan.replacements:
             try:
                 expects[rep.target] = _expect_literal(plan.old, rep)
-                _check_replacement(plan.old, plan.new, rep)
+                _check_replacement(plan.new, rep)
             except _Unreproducible as exc:
                 refusals.append(exc.refusal)
     if refusals:
@@ -225,7 +227,8 @@ def _render(
     taken: set[str] = set()
     for plan in plans:
         taken |= plan.live_names | {b.name for b in plan.imports}
-        taken |= {c.name for c in plan.constants} | {v.unit.name for v in plan.values}
+        taken |= {c.name for c in plan.constants}
+        taken |= {v.unit.name for v in plan.values if not v.unit.owner}
         taken |= {r.new.node.name for r in plan.replacements}
         taken |= {h.unit.node.name for h in plan.helpers}
     if "livepatch" in taken:
@@ -314,8 +317,9 @@ def _expect_literal(old: ModuleModel, rep: Replacement) -> str:
     return repr(fingerprint(code, defaults, kwdefaults))
 
 
-def _check_replacement(plan_old: ModuleModel, new: ModuleModel, rep: Replacement) -> None:
-    """The replacement text compiles, in the live context, to the new version's code."""
+def _check_replacement(new: ModuleModel, rep: Replacement) -> None:
+    """The replacement text parses to exactly the new version's def (renames applied), so
+    it compiles, in the live context, to what the new version compiles to."""
     try:
         text = def_text(new, rep.new.node, rep.edits)
         tree = ast.parse(text)
@@ -323,27 +327,10 @@ def _check_replacement(plan_old: ModuleModel, new: ModuleModel, rep: Replacement
         raise _unreproducible(new, rep, f"its new source cannot be moved ({exc})") from None
     node = tree.body[0]
     assert isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-    old_code, new_code = rep.old.code, rep.new.code
-    if old_code is None or new_code is None:
-        return
-    reference_node = rep.new.node
-    if rep.edits:
-        reference_node = copy.deepcopy(reference_node)
-        for child in ast.walk(reference_node):
-            if isinstance(child, ast.Name) and child.id in rep.renames:
-                child.id = rep.renames[child.id]
-    # Compare like with like: both through the engine's context compilation. (Against
-    # the module's own code object they can differ harmlessly: the compiler emits plain
-    # attribute loads for methods of names bound by a module-level import.)
-    ctx = _context(plan_old, old_code, rep.old.qualname)
-    try:
-        compiled = codegen.compile_function(node, ctx, "<replacement>")
-        reference = codegen.compile_function(reference_node, ctx, "<new version>")
-    except PatchError as exc:
-        raise _unreproducible(new, rep, f"it does not compile live: {exc}") from None
-    if not same_code(compiled, reference):
-        raise _unreproducible(new, rep, "the replacement text does not compile to the new "
-                              "version's code (the builder cannot reproduce it)")
+    if canon(node, decorators=False) != canon(rep.new.node, decorators=False,
+                                               rename=rep.renames or None):
+        raise _unreproducible(new, rep, "the replacement text does not reproduce the new "
+                              "version's def (the builder cannot move it)")
 
 
 def read_sources(old: PathOrSources, new: PathOrSources) -> tuple[SourceTree, SourceTree]:

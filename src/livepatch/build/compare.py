@@ -15,7 +15,6 @@ a live function object, whose callers and closure cells are already fixed.
 from __future__ import annotations
 
 import ast
-import copy
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,35 +41,71 @@ def dump(node: ast.AST | Sequence[ast.AST] | None) -> str:
     return ast.dump(node)
 
 
-def _without_decorators(node: FunctionNode) -> FunctionNode:
-    clone = copy.copy(node)
-    clone.decorator_list = []
-    return clone
+def canon(
+    node: ast.AST,
+    *,
+    decorators: bool = True,
+    docstrings: bool = True,
+    annotations: bool = True,
+    blank: frozenset[int] = frozenset(),
+    rename: dict[str, str] | None = None,
+) -> str:
+    """A position-free text form of `node`, like ``ast.dump``, optionally leaving out the
+    top node's decorators, every docstring, what a function never evaluates of its
+    annotations (its own, and those of local variables), and the bodies of the defs whose
+    ids are in `blank`; `rename` maps global names to new ones. Built directly, without
+    copying the tree."""
+    out: list[str] = []
+    top = node
+
+    def visit(current: object) -> None:
+        if isinstance(current, ast.AST):
+            out.append(type(current).__name__)
+            out.append("(")
+            for name in current._fields:
+                value = getattr(current, name, None)
+                if rename and name == "id" and isinstance(current, ast.Name):
+                    value = rename.get(current.id, current.id)
+                if current is top and name == "decorator_list" and not decorators:
+                    continue
+                if not annotations and name in ("annotation", "returns"):
+                    if current is top or _is_arg_of(current, top) or isinstance(
+                        current, ast.AnnAssign
+                    ):
+                        out.append(f"{name}=_,")
+                        continue
+                if name == "body" and isinstance(value, list):
+                    if id(current) in blank:
+                        out.append("body=[Pass],")
+                        continue
+                    if not docstrings and value and is_docstring(value[0]) and isinstance(
+                        current, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+                    ):
+                        value = value[1:]
+                out.append(f"{name}=")
+                visit(value)
+                out.append(",")
+            out.append(")")
+        elif isinstance(current, list):
+            out.append("[")
+            for item in current:
+                visit(item)
+                out.append(",")
+            out.append("]")
+        else:
+            out.append(repr(current))
+
+    visit(node)
+    return "".join(out)
 
 
-def strip_docstrings(node: ast.AST) -> ast.AST:
-    clone = copy.deepcopy(node)
-    for child in ast.walk(clone):
-        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            if child.body and is_docstring(child.body[0]):
-                child.body = child.body[1:] or [ast.Pass()]
-    return clone
-
-
-def strip_annotations(node: ast.AST) -> ast.AST:
-    """Remove what the compiled code of a function never evaluates: its own annotations
-    and those of local variables (nested defs' annotations do run, so they stay)."""
-    clone = copy.deepcopy(node)
-    if isinstance(clone, (ast.FunctionDef, ast.AsyncFunctionDef)):
-        args = clone.args
-        for arg in [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]:
-            if arg is not None:
-                arg.annotation = None
-        clone.returns = None
-        for child in ast.walk(clone):
-            if isinstance(child, ast.AnnAssign):
-                child.annotation = ast.Constant(None)
-    return clone
+def _is_arg_of(node: ast.AST, func: ast.AST) -> bool:
+    if not isinstance(node, ast.arg) or not isinstance(func, (ast.FunctionDef,
+                                                              ast.AsyncFunctionDef)):
+        return False
+    args = func.args
+    return any(node is a for a in [*args.posonlyargs, *args.args, *args.kwonlyargs,
+                                    args.vararg, args.kwarg])
 
 
 @dataclass(frozen=True)
@@ -94,8 +129,7 @@ def compare_functions(old: FunctionUnit, new: FunctionUnit) -> Verdict:
             "its decorators changed, and the live decorator keeps running",
             "decorator",
         )
-    old_bare, new_bare = _without_decorators(old.node), _without_decorators(new.node)
-    if dump(old_bare) == dump(new_bare):
+    if canon(old.node, decorators=False) == canon(new.node, decorators=False):
         return Verdict(Status.SAME)
     if type(old.node) is not type(new.node) or kind_name(old) != kind_name(new):
         return Verdict(
@@ -113,10 +147,13 @@ def compare_functions(old: FunctionUnit, new: FunctionUnit) -> Verdict:
                 "does not: a live closure cannot gain cells",
                 "freevars",
             )
-    old_doc, new_doc = strip_docstrings(old_bare), strip_docstrings(new_bare)
-    if dump(old_doc) == dump(new_doc):
+    if canon(old.node, decorators=False, docstrings=False) == canon(
+        new.node, decorators=False, docstrings=False
+    ):
         return Verdict(Status.DOCSTRING)
-    if dump(strip_annotations(old_doc)) == dump(strip_annotations(new_doc)):
+    if canon(old.node, decorators=False, docstrings=False, annotations=False) == canon(
+        new.node, decorators=False, docstrings=False, annotations=False
+    ):
         return Verdict(Status.ANNOTATIONS)
     problem = signature_problem(old.node.args, new.node.args)
     if problem:
@@ -173,12 +210,4 @@ def signature_problem(old: ast.arguments, new: ast.arguments) -> str | None:
 def skeleton(node: FunctionNode, nested: list[FunctionNode]) -> str:
     """The function with the bodies of its nested defs blanked: equal skeletons mean only
     nested functions changed, so they can be patched on their own."""
-    ids = {id(n) for n in nested}
-    clone = copy.deepcopy(_without_decorators(node))
-    copies = [n for n in ast.walk(clone) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
-    # deepcopy keeps the walk order, so match by position among defs
-    all_defs = [n for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
-    for original, twin in zip(all_defs, copies, strict=True):
-        if id(original) in ids:
-            twin.body = [ast.Pass()]
-    return dump(clone)
+    return canon(node, decorators=False, blank=frozenset(id(n) for n in nested))

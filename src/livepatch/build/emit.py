@@ -138,6 +138,10 @@ def module_section(
         out += ["", "# new values the new code needs"]
         for item in sorted(plan.values, key=lambda v: v.unit.line):
             value = expr_text(new, item.unit.value, item.edits)
+            if item.unit.owner:
+                target = f"{module}:{item.unit.owner}.{item.unit.name}"
+                out.append(f'{patch_var}.new("{target}", {value})')
+                continue
             out.append(f"{item.unit.name} = {value}")
             out.append(f'{patch_var}.new("{module}:{item.unit.name}", {item.unit.name})')
     for helper in plan.helpers:

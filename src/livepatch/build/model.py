@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import ast
 import enum
-import io
-import tokenize
 from dataclasses import dataclass, field
 from types import CodeType
 
@@ -115,7 +113,6 @@ class ModuleModel:
     source: SourceFile
     tree: ast.Module
     lines: list[str]
-    protected: set[int]  # line numbers that start inside a multi-line string
     functions: dict[str, FunctionUnit] = field(default_factory=dict)
     classes: dict[str, ClassUnit] = field(default_factory=dict)
     data: dict[str, DataUnit] = field(default_factory=dict)
@@ -126,7 +123,6 @@ class ModuleModel:
     star_import: bool = False
     bindings: dict[str, str] = field(default_factory=dict)  # module name → kind
     future_flags: frozenset[str] = frozenset()
-
     @property
     def import_names(self) -> tuple[str, ...]:
         """Names bound by an import anywhere at module level (inside ``if``/``try`` too):
@@ -184,7 +180,6 @@ def parse_module(source: SourceFile) -> ModuleModel:
         source=source,
         tree=tree,
         lines=source.text.splitlines(keepends=True),
-        protected=protected_lines(source.text),
     )
     codes = _codes_by_position(top)
     _Cutter(model, codes).module(tree)
@@ -203,23 +198,18 @@ def _codes_by_position(top: CodeType) -> dict[tuple[str, int], CodeType]:
     return found
 
 
-def protected_lines(text: str) -> set[int]:
-    """Lines that begin inside a string token: their leading whitespace is string content."""
+def protected_lines(node: ast.AST) -> set[int]:
+    """Lines inside `node` that begin within a string literal: there, leading white space is
+    part of the string's value. (A line inside an implicitly concatenated string may be
+    included too; keeping its indentation is harmless.)"""
     protected: set[int] = set()
-    starts: list[int] = []
-    fstring_start = getattr(tokenize, "FSTRING_START", -1)
-    fstring_end = getattr(tokenize, "FSTRING_END", -1)
-    try:
-        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
-            if tok.type == tokenize.STRING and tok.end[0] > tok.start[0]:
-                protected.update(range(tok.start[0] + 1, tok.end[0] + 1))
-            elif tok.type == fstring_start:
-                starts.append(tok.start[0])
-            elif tok.type == fstring_end and starts:
-                first = starts.pop()
-                protected.update(range(first + 1, tok.end[0] + 1))
-    except (tokenize.TokenError, SyntaxError):  # the ast parse already succeeded; be lenient
-        pass
+    for child in ast.walk(node):
+        if isinstance(child, (ast.Constant, ast.JoinedStr)):
+            end = child.end_lineno or child.lineno
+            if end > child.lineno and (
+                isinstance(child, ast.JoinedStr) or isinstance(child.value, (str, bytes))
+            ):
+                protected.update(range(child.lineno + 1, end + 1))
     return protected
 
 
@@ -298,6 +288,8 @@ class _Cutter:
                     model.data[unit.name] = unit
             elif (guard := _guard_of(stmt)) is not None:
                 model.guarded.setdefault(guard, []).append(stmt)
+            elif _is_bare_constant(stmt):
+                continue  # an attribute docstring: no effect
             else:
                 for name in _stored_names(stmt):
                     self._bind(name, "statement")
@@ -367,7 +359,7 @@ class _Cutter:
                     if item.name in unit.data:
                         unit.statements.append(stmt)
                     unit.data[item.name] = item
-            elif not isinstance(stmt, ast.Pass):
+            elif not isinstance(stmt, ast.Pass) and not _is_bare_constant(stmt):
                 unit.statements.append(stmt)
         for target, count in seen.items():
             if count > 1 and target in model.functions:
@@ -391,6 +383,10 @@ class _Cutter:
         for child in _direct_defs(node):
             child_qual = f"{qualname}.{LOCALS}.{child.name}"
             self.function(child, child_qual, child_qual, classes, target)
+
+
+def _is_bare_constant(stmt: ast.stmt) -> bool:
+    return isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant)
 
 
 def _is_overload(node: FunctionNode) -> bool:

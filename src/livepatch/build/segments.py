@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ast
 
-from livepatch.build.model import FunctionNode, ModuleModel
+from livepatch.build.model import FunctionNode, ModuleModel, protected_lines
 from livepatch.build.names import Edit
 
 
@@ -39,13 +39,14 @@ def def_text(
             data = data[: edit.start] + edit.text.encode("utf-8") + data[edit.end :]
         raw[index] = data
     lines = [data.decode("utf-8") for data in raw]
+    protected = protected_lines(node)
     indent = lines[0][: node.col_offset]  # col_offset is ascii here: only whitespace
     if indent.strip():
         raise SegmentError("the def does not start its line")
     out = []
     for offset, line in enumerate(lines):
         lineno = first + offset
-        if offset and lineno in model.protected:
+        if offset and lineno in protected:
             out.append(line)
         elif line.startswith(indent):
             out.append(indent_to + line[len(indent) :])

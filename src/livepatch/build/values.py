@@ -28,22 +28,29 @@ class ValueKind(enum.Enum):
 
 
 def classify(
-    expr: ast.expr, resolve: Callable[[str], ValueKind | None], re_names: set[str]
+    expr: ast.expr,
+    resolve: Callable[[str], ValueKind | None],
+    re_names: set[str],
+    refs: frozenset[str] = frozenset(),
 ) -> ValueKind:
     """The kind of value `expr` builds.
 
     `resolve` gives the kind of another module-level name (None: not a known constant);
-    `re_names` are the names the module binds to the ``re`` module.
+    `re_names` are the names the module binds to the ``re`` module; `refs` are names bound
+    to functions, classes and imports: a reference to one of those (``nodes.Body``) is
+    not data of ours, and a tuple of references is as immutable as a tuple of numbers.
     """
-    kind = _classify(expr, resolve, re_names)
-    return kind
+    return _classify(expr, resolve, re_names, refs)
 
 
 def _classify(
-    expr: ast.expr, resolve: Callable[[str], ValueKind | None], re_names: set[str]
+    expr: ast.expr,
+    resolve: Callable[[str], ValueKind | None],
+    re_names: set[str],
+    refs: frozenset[str],
 ) -> ValueKind:
     def sub(e: ast.expr) -> ValueKind:
-        return _classify(e, resolve, re_names)
+        return _classify(e, resolve, re_names, refs)
 
     if isinstance(expr, ast.Constant):
         return ValueKind.IMMUTABLE
@@ -63,9 +70,13 @@ def _classify(
         parts = [v.value for v in expr.values if isinstance(v, ast.FormattedValue)]
         return _all(sub(e) for e in parts)
     if isinstance(expr, ast.Name):
+        if expr.id in refs:
+            return ValueKind.IMMUTABLE
         known = resolve(expr.id)
         return known if known is not None else ValueKind.UNKNOWN
     if isinstance(expr, ast.Attribute) and _is_re_flag(expr, re_names):
+        return ValueKind.IMMUTABLE
+    if isinstance(expr, ast.Attribute) and _root(expr) in refs:
         return ValueKind.IMMUTABLE
     if isinstance(expr, ast.Call):
         return _classify_call(expr, sub, re_names)
@@ -79,6 +90,13 @@ def _all(kinds: object) -> ValueKind:
     if any(k is ValueKind.CODE for k in seen):
         return ValueKind.CODE
     return ValueKind.UNKNOWN
+
+
+def _root(expr: ast.Attribute) -> str | None:
+    node: ast.expr = expr
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
 
 
 def _is_re_flag(expr: ast.Attribute, re_names: set[str]) -> bool:
