@@ -241,3 +241,87 @@ def test_new_helper_in_future_annotations_module(env: Env) -> None:
     """
     livepatch.apply(livepatch.load(env.patch_text(text, m)), model=IMM)
     assert m.describe(3) == "3"  # the module's `from __future__ import annotations` holds
+
+
+HELPERS = """
+RATE = 3
+
+
+class Cart:
+    def __init__(self):
+        self.__secret = "s"
+
+
+def greet(name, greeting="hello", *, punct="!"):
+    return f"{greeting} {name}{punct}"
+"""
+
+
+def test_patch_with_only_new_names(env: Env) -> None:
+    m = env.source_module(HELPERS, "helpers")
+    patch = livepatch.Patch("only-new")
+    patch.new(f"{m.__name__}:FLAG", True)
+    t = livepatch.apply(patch, model=IMM)
+    assert t.done and m.FLAG is True
+    assert livepatch.patches()[0].functions == []
+    assert livepatch.patches()[0].added == [f"{m.__name__}:FLAG"]
+    livepatch.revert("only-new", model=IMM)
+    assert not hasattr(m, "FLAG")
+
+
+def test_revert_leaves_a_helper_name_the_program_rebound(env: Env) -> None:
+    m = env.source_module(HELPERS, "helpers")
+    patch = livepatch.Patch("rebound")
+    patch.new(f"{m.__name__}:LIMIT", 10)
+    livepatch.apply(patch, model=IMM)
+    m.LIMIT = 99  # the application took the name over
+    livepatch.revert("rebound", model=IMM)
+    assert m.LIMIT == 99
+
+
+@pytest.mark.xfail(reason="FINDINGS #15", strict=True)
+def test_classmethod_and_staticmethod_helpers_run_in_the_target(env: Env) -> None:
+    m = env.source_module(HELPERS, "helpers")
+    text = """
+        import livepatch
+        patch = livepatch.Patch("cm-helpers")
+
+        @patch.new("TARGET_MODULE:Cart.rate")
+        @classmethod
+        def rate(cls):
+            return (cls.__name__, RATE)
+
+        @patch.new("TARGET_MODULE:Cart.double")
+        @staticmethod
+        def double(x):
+            return x * RATE
+    """
+    livepatch.apply(livepatch.load(env.patch_text(text, m)), model=IMM)
+    assert m.Cart.rate() == ("Cart", 3)  # RATE is a global of the target module only
+    assert m.Cart().double(2) == 6
+
+
+def test_stacked_patches_each_bring_their_defaults(env: Env) -> None:
+    m = env.source_module(HELPERS, "helpers")
+    template = """
+        import livepatch
+        patch = livepatch.Patch("NAME")
+
+        @patch.function("TARGET_MODULE:greet")
+        def greet(name, greeting="GREETING", *, punct="PUNCT"):
+            return f"{greeting} {name}{punct}"
+    """
+    for name, greeting, punct in (("d1", "hi", "?"), ("d2", "yo", ".")):
+        text = template.replace("NAME", name).replace("GREETING", greeting)
+        livepatch.apply(livepatch.load(env.patch_text(text.replace("PUNCT", punct), m)),
+                        model=IMM)
+    assert m.greet("a") == "yo a."
+    livepatch.revert("d2", model=IMM)
+    assert m.greet("a") == "hi a?"
+    livepatch.apply(livepatch.load(env.patch_text(
+        template.replace("NAME", "d3").replace("GREETING", "hey").replace("PUNCT", ";"), m)),
+        model=IMM)
+    livepatch.revert("d1", model=IMM)
+    assert m.greet("a") == "hey a;"
+    livepatch.revert("d3", model=IMM)
+    assert m.greet("a") == "hello a!"
