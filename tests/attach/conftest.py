@@ -38,8 +38,9 @@ def spawn(isolated_env: dict[str, str]) -> Iterator:  # type: ignore[type-arg]
         *args: str,
         env: dict[str, str] | None = None,
         options: tuple[str, ...] = (),
+        python: str | None = None,
     ) -> Target:
-        python = find_python(version)
+        python = python or find_python(version)
         if python is None:
             pytest.skip(f"python{version} is not installed")
         argv = [python, *options, str(TARGET), mode, *args]

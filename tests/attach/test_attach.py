@@ -55,6 +55,7 @@ def test_attach_to_a_program_blocked_on_a_pipe_then_again(spawn):
 
     assert not first.already_running
     assert again.already_running and again.socket_path == first.socket_path
+    assert again.python_version == first.python_version
     target.send("check")
     # the agent serves from its own thread; the program's main thread is untouched
     _, main, alive, others = target.expect("check").split()
@@ -173,3 +174,19 @@ def test_a_patch_applies_through_the_attached_agent(spawn, isolated_env, tmp_pat
     assert done.returncode == 0, done.stdout + done.stderr
     target.send("price 5")
     assert target.expect("price") == "price 15"
+
+
+def test_a_running_agent_is_reported_even_where_attach_would_refuse(spawn, isolated_env):
+    # started with the agent (and opted out of remote debugging): nothing to inject
+    env = {"LIVEPATCH_AGENT": "1", "PYTHON_DISABLE_REMOTE_DEBUG": "1"}
+    target = spawn(OURS, "sleep", env=env, python=sys.executable)
+    target.expect("tick")
+    deadline = time.monotonic() + 20
+    while not list(Path(isolated_env["LIVEPATCH_SOCKET_DIR"]).glob(f"agent-{target.pid}.sock")):
+        assert time.monotonic() < deadline, "LIVEPATCH_AGENT=1 started no agent"
+        time.sleep(0.05)
+
+    result = attach(target.pid, timeout=20)
+
+    assert result.already_running and result.python_version.startswith(OURS + ".")
+    assert "stub-" not in Path(f"/proc/{target.pid}/maps").read_text()

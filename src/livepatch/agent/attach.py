@@ -83,17 +83,20 @@ def attach(pid: int, timeout: float = 10.0) -> AttachResult:
     """
     started = time.monotonic()
     deadline = started + timeout
-    target = probe(pid)
-    _check_compatible(target)
+    # an agent that answers is all that was asked for, whatever the checks below would say
+    # (a process started with `livepatch run` may well have opted out of remote debugging)
     existing = _answering_agent(pid, deadline)
     if existing is not None:
+        socket, hello = existing
         return AttachResult(
             pid=pid,
-            python_version=target.version_text,
-            socket_path=str(existing),
+            python_version=str(hello.get("python", "?")),
+            socket_path=str(socket),
             elapsed=time.monotonic() - started,
             already_running=True,
         )
+    target = probe(pid)
+    _check_compatible(target)
     report = run_bootstrap(target, deadline, timeout)
     if not report.get("ok"):
         raise AttachFailed(
@@ -202,22 +205,24 @@ def _hand_over(staging: Path, library: Path, target: Target) -> None:
         os.chown(library, target.uid, target.gid)
 
 
-def _answering_agent(pid: int, deadline: float) -> Path | None:
-    """The socket of an agent already serving `pid`, if any."""
+def _answering_agent(pid: int, deadline: float) -> tuple[Path, dict[str, Any]] | None:
+    """The socket of an agent already serving `pid` and its hello, if there is one."""
     from livepatch.agent import discovery
 
+    if pid <= 0:
+        return None
     try:
         socket = discovery.find_socket(pid)
     except PatchError:
         return None
     try:
-        _verify(pid, socket, deadline)
+        return socket, _verify(pid, socket, deadline)
     except AttachFailed:
         return None  # a stale socket: the attach goes ahead and the agent replaces it
-    return socket
 
 
-def _verify(pid: int, socket: Path, deadline: float) -> None:
+def _verify(pid: int, socket: Path, deadline: float) -> dict[str, Any]:
+    """The agent's answer to `hello` on `socket`; AttachFailed unless it is `pid`'s agent."""
     from livepatch.agent.client import AgentClient
 
     try:
@@ -231,6 +236,7 @@ def _verify(pid: int, socket: Path, deadline: float) -> None:
         raise AttachFailed(
             f"{socket} is served by process {hello.get('pid')}, not {pid}; remove the stale socket"
         )
+    return hello
 
 
 def _alive(pid: int) -> bool:
