@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 import livepatch
@@ -177,3 +179,27 @@ def test_second_patch_may_expect_the_first_patchs_source(env: Env) -> None:
     assert livepatch.plan(second).changes[0].verified
     livepatch.apply(second, model=IMM)
     assert m.price(1) == 12
+
+
+@pytest.mark.xfail(reason="FINDINGS #16", strict=True)
+def test_apply_without_expect_says_nothing_was_verified(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    m = env.module("plain_body")
+    patch = env.patch("plain_body", m)
+    with caplog.at_level(logging.INFO, logger="livepatch"):
+        livepatch.apply(patch, model=IMM)
+    assert m.price(1) == 11
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "not verified" in text, text
+    assert "verified 1 function" not in text, text  # would claim the opposite
+
+
+def test_apply_with_expect_says_verified(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    m = env.module("plain_body")
+    patch = env.patch("plain_body", m)
+    expect_v1(patch, "plain_body")
+    with caplog.at_level(logging.INFO, logger="livepatch"):
+        livepatch.apply(patch, model=IMM)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "verified" in text and "not verified" not in text, text
