@@ -36,7 +36,8 @@ from rich.console import Console
 from rich.table import Table
 
 LOAD_THREADS = 4
-PHASE_SECONDS = 2.0
+#: how long each phase of load runs (tests shorten it)
+PHASE_SECONDS = float(os.environ.get("LIVEPATCH_DEMO_PHASE_SECONDS", "2.0"))
 BUGGY, FIXED = "$2.5", "$2.50"
 
 console = Console(highlight=False)
@@ -153,6 +154,9 @@ def _start_service(workdir: Path, env: dict[str, str]) -> tuple[subprocess.Popen
 
 
 def main(as_json: bool = False) -> int:
+    global console
+    if as_json:  # stdout carries the one JSON document; the narrative goes to stderr
+        console = Console(highlight=False, stderr=True)
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="livepatch-demo-"))
     for name in ("shop.py", "service.py", "fix_price_label.py"):
