@@ -219,6 +219,6 @@ def test_patch_makes_v1_behave_as_v2(case: Case, loaded: None) -> None:
         assert [_outcome(c, ns) for c in case.keeps] == kept
     finally:
         livepatch.revert(patch.name, model="immediate")
-    if not case.same and "allow_data" not in case.options and case.name != "lru_cache":
+    if not case.same:
         ns = _namespace(v1, case.setup)
         assert [_outcome(c, ns) for c in case.calls] == before, "revert must restore v1"

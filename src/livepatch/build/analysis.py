@@ -493,7 +493,8 @@ class ModuleAnalysis:
                         "def", Hint.UPGRADE)
         elif self.options.allow_data and kind in (ValueKind.IMMUTABLE, ValueKind.MUTABLE):
             self.plan.rebinds.append(DataRebind(cls.qualname, unit))
-            self.change(unit.line, what, ChangeKind.DATA_CALLBACK, detail)
+            self.change(unit.line, what, ChangeKind.DATA_CALLBACK,
+                        f"REVIEW: {detail}; instances and subclasses see the new value")
         elif self.options.allow_data:
             self.refuse(unit.line, what, Reason.CLASS_DATA,
                         f"{detail}; its value is computed by a call the builder will not run",
