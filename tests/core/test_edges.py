@@ -325,3 +325,112 @@ def test_stacked_patches_each_bring_their_defaults(env: Env) -> None:
     assert m.greet("a") == "hey a;"
     livepatch.revert("d3", model=IMM)
     assert m.greet("a") == "hello a!"
+
+
+def test_function_reexported_by_another_module(env: Env) -> None:
+    """`m2:f` where m2 did `from m1 import f`: the one function object is patched, in
+    the context of the module that defined it (its globals, its imports)."""
+    m1 = env.source_module(
+        """
+        import os
+        import os.path
+
+        def f(a):
+            return os.path.join("x", a)
+
+        class Cart:
+            def add(self, a):
+                return os.path.basename(a)
+        """,
+        "origin",
+    )
+    m2 = env.source_module(f"from {m1.__name__} import Cart, f\n", "reexport")
+    text = """
+        import livepatch
+        patch = livepatch.Patch("reexported")
+
+        @patch.function("TARGET_MODULE:f", expect='''
+        def f(a):
+            return os.path.join("x", a)
+        ''')
+        def f(a):
+            return os.path.join("y", a)
+
+        @patch.function("TARGET_MODULE:Cart.add", expect='''
+        def add(self, a):
+            return os.path.basename(a)
+        ''')
+        def add(self, a):
+            return os.path.dirname(a)
+    """
+    patch = livepatch.load(env.patch_text(text, m2))
+    plan = livepatch.plan(patch)
+    assert all(c.verified for c in plan.changes), plan.changes
+    livepatch.apply(patch, model=IMM)
+    assert m1.f("a") == m2.f("a") == "y/a"  # os: a global of m1 only
+    assert m1.Cart().add("p/q") == "p"
+    livepatch.revert("reexported", model=IMM)
+    assert m1.f("a") == "x/a"
+
+
+def test_method_of_class_defined_inside_a_function(env: Env) -> None:
+    m = env.source_module(
+        """
+        class Base:
+            def hello(self):
+                return "base"
+
+
+        def factory(tag):
+            class K(Base):
+                def __init__(self):
+                    self.__tag = tag
+
+                def hello(self):
+                    return f"{self.__tag}:" + super().hello()
+
+            return K
+
+
+        A = factory("a")
+        a = A()
+        """,
+        "factory",
+    )
+    text = """
+        import livepatch
+        patch = livepatch.Patch("local-class")
+
+        @patch.function("TARGET_MODULE:factory.<locals>.K.hello")
+        def hello(self):
+            return f"{self.__tag}!" + super().hello().upper()
+    """
+    livepatch.apply(livepatch.load(env.patch_text(text, m)), model=IMM)
+    assert m.a.hello() == "a!BASE"  # existing class and instance
+    assert m.factory("b")().hello() == "b!BASE"  # a class made after the patch
+    livepatch.revert("local-class", model=IMM)
+    assert m.a.hello() == "a:base"
+    assert m.factory("c")().hello() == "c:base"
+
+
+def test_two_patches_loaded_from_text_keep_their_own_source(env: Env) -> None:
+    """`livepatch.loads(text)` with the default filename, twice (as a control channel
+    receiving patch texts would): each patch must install its own code."""
+    m = env.source_module(HELPERS, "helpers")
+    template = """
+import livepatch
+patch = livepatch.Patch("NAME")
+
+
+@patch.function("TARGET_MODULE:greet")
+def greet(name, greeting="hello", *, punct="!"):
+    return "NAME says hi to " + name
+"""
+    first = livepatch.loads(template.replace("NAME", "text-1").replace("TARGET_MODULE",
+                                                                        m.__name__))
+    second = livepatch.loads(template.replace("NAME", "text-2").replace("TARGET_MODULE",
+                                                                         m.__name__))
+    livepatch.apply(first, model=IMM)
+    assert m.greet("a") == "text-1 says hi to a"
+    livepatch.apply(second, model=IMM)
+    assert m.greet("a") == "text-2 says hi to a"
