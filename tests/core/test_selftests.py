@@ -3,6 +3,7 @@ patch/unpatch, stacked patches, atomic replace, callbacks and their pairing, sta
 
 from __future__ import annotations
 
+import sys
 import time
 import types
 
@@ -260,3 +261,20 @@ def test_atomic_replace_and_new_names(env: Env, m: types.ModuleType) -> None:
     assert now(m) == ("f0", "gR", "h0")
     livepatch.revert("nR", model=IMM)
     assert not hasattr(m, "KEPT")
+
+
+def test_patches_reports_when_new_code_first_ran(env: Env, m: types.ModuleType) -> None:
+    livepatch.apply(mk(env, m, "ex", {"f": "f1", "g": "g1"}), model=IMM)
+    (view,) = livepatch.patches()
+    if sys.version_info < (3, 12):
+        assert view.exercised is None  # documented: unknown on 3.11
+        return
+    keys = {f"{m.__name__}:f", f"{m.__name__}:g"}
+    assert view.exercised == dict.fromkeys(keys)
+    t0 = time.time()
+    assert m.f() == "f1"
+    (view,) = livepatch.patches()
+    assert view.exercised is not None
+    ran = view.exercised[f"{m.__name__}:f"]
+    assert ran is not None and t0 - 1 <= ran <= time.time()
+    assert view.exercised[f"{m.__name__}:g"] is None
