@@ -128,6 +128,7 @@ class Replacement:
     edits: list[Edit]
     def_time: set[str]
     renames: dict[str, str] = field(default_factory=dict)
+    live: list[str] = field(default_factory=list)  # def-time names taken from the live module
 
 
 @dataclass
@@ -135,6 +136,7 @@ class Helper:
     target: str
     unit: FunctionUnit
     def_time: set[str]
+    live: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -791,9 +793,8 @@ class ModuleAnalysis:
                 use = self._usage(unit)
                 self.plan.replacements.append(
                     Replacement(f"{module}:{target}", before, unit, edits, set(use.def_time),
-                                dict(self.renames))
+                                dict(self.renames), self._live_names(unit, use.def_time))
                 )
-                self._live_names(unit, use.def_time)
                 kind = self.whole[target]
                 detail = _safe_because(before, unit)
                 if kind is ChangeKind.DATA_USER:
@@ -808,8 +809,8 @@ class ModuleAnalysis:
                 self.change(unit.line, target, ChangeKind.NESTED, _safe_because(before, unit))
             elif target in self.helpers:
                 use = self._usage(unit)
-                self.plan.helpers.append(Helper(f"{module}:{target}", unit, set(use.def_time)))
-                self._live_names(unit, use.def_time)
+                self.plan.helpers.append(Helper(f"{module}:{target}", unit, set(use.def_time),
+                                                self._live_names(unit, use.def_time)))
                 self.change(unit.line, target, ChangeKind.HELPER, "new function")
         for constant in self.plan.constants:
             constant.edits = expression_edits(constant.unit.value, self.renames)
@@ -820,33 +821,30 @@ class ModuleAnalysis:
         for rebind in self.plan.rebinds:
             self._live_names_expr(rebind.unit, {})
 
-    def _live_names(self, unit: FunctionUnit, names: set[str]) -> None:
-        for name in sorted(names):
-            self._need_live(name, unit.line, unit.target)
+    def _live_names(self, unit: FunctionUnit, names: set[str]) -> list[str]:
+        return [n for n in sorted(names) if self._need_live(n, unit.line, unit.target)]
 
     def _live_names_expr(self, unit: DataUnit, renames: dict[str, str]) -> None:
         for name in sorted(expression_reads(unit.value)):
-            if name in renames:
-                continue
-            self._need_live(name, unit.line, unit.name)
+            if name not in renames and self._need_live(name, unit.line, unit.name):
+                self.plan.live_names.add(name)
 
-    def _need_live(self, name: str, line: int, what: str) -> None:
+    def _need_live(self, name: str, line: int, what: str) -> bool:
+        """Must the patch file take `name` from the live module to evaluate a default or a
+        value when it loads? (Renamed constants and new names are its own.)"""
         if name in self.renames.values() or name in self.renames:
-            return
+            return False
         provided = {b.name for b in self.plan.imports}
         provided |= {v.unit.name for v in self.plan.values if not v.unit.owner}
         if name in provided:
-            return
-        if name in self.old.bindings and self.old.bindings[name] != "several":
-            self.plan.live_names.add(name)
-        elif name in self.old.bindings:
-            self.plan.live_names.add(name)
-        elif name in BUILTINS:
-            return
-        else:
+            return False
+        if name in self.old.bindings:
+            return True
+        if name not in BUILTINS:
             self.refuse(line, what, Reason.NOT_UNDERSTOOD,
                         f"a default value or constant reads {name}, which is not a global of "
                         "the live module (a class attribute?)", Hint.UPGRADE)
+        return False
 
 
 # -- helpers --------------------------------------------------------------------------------

@@ -227,6 +227,8 @@ def _render(
     taken: set[str] = set()
     for plan in plans:
         taken |= plan.live_names | {b.name for b in plan.imports}
+        taken |= {n for r in plan.replacements for n in r.live}
+        taken |= {n for h in plan.helpers for n in h.live}
         taken |= {c.name for c in plan.constants}
         taken |= {v.unit.name for v in plan.values if not v.unit.owner}
         taken |= {r.new.node.name for r in plan.replacements}

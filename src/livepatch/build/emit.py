@@ -107,8 +107,7 @@ def module_section(
         names = ", ".join(sorted(plan.live_names))
         out += [
             "",
-            "# values the definitions below evaluate when this file loads (defaults, constants),",
-            "# taken from the live module so they are the very objects it holds",
+            "# values the constants below are computed from, taken from the live module",
             _wrap_import(module, sorted(plan.live_names)) if len(names) > 60 else
             f"from {module} import {names}",
         ]
@@ -147,11 +146,13 @@ def module_section(
     for helper in plan.helpers:
         users = plan.shared.get(helper.unit.target)
         if users is None:
-            out += ["", "", f'@{patch_var}.new("{helper.target}")']
+            out += ["", "", *_live_import(module, helper.live)]
+            out.append(f'@{patch_var}.new("{helper.target}")')
             out += def_text(new, helper.unit.node).rstrip("\n").split("\n")
             continue
         names = ", ".join(f"{m}:{n}" for m, n in users)
-        out += ["", "", f"# new helper, also imported by {names}: bound by _lp_bind_imports"]
+        out += ["", "", *_live_import(module, helper.live)]
+        out += [f"# new helper, also imported by {names}: bound by _lp_bind_imports"]
         out += def_text(new, helper.unit.node).rstrip("\n").split("\n")
         name = helper.unit.node.name
         out.append("")
@@ -159,7 +160,7 @@ def module_section(
         for user_module, user_name in users:
             out.append(f'{_IMPORTS}.append(("{user_module}", "{user_name}", {name}, "{module}"))')
     for rep in plan.replacements:
-        out += ["", ""]
+        out += ["", "", *_live_import(module, rep.live)]
         scope = _scope_names(rep)
         pad = "    " if scope else ""
         if scope:
@@ -181,6 +182,18 @@ def module_section(
             value = expr_text(new, rebind.unit.value)
             out.append(f'{_DATA_NEW}["{_key(module, rebind)}"] = {value}')
     return out
+
+
+def _live_import(module: str, names: list[str]) -> list[str]:
+    """The live objects a signature's defaults name (a sentinel must be *the* sentinel)."""
+    if not names:
+        return []
+    return [
+        "# defaults below are evaluated when this file loads: with the live module's objects",
+        f"from {module} import {', '.join(names)}",
+        "",
+        "",
+    ]
 
 
 def _scope_names(rep: Replacement) -> list[str]:
