@@ -456,3 +456,44 @@ def test_patch_file_edited_between_loads_keeps_each_version(env: Env) -> None:
     assert (first.name, second.name) == ("edit-1", "edit-2")
     livepatch.apply(first, model=IMM)
     assert m.greet("a") == "edit-1: a"
+
+
+@pytest.mark.xfail(reason="FINDINGS #18", strict=True)
+def test_class_based_decorator(env: Env) -> None:
+    m = env.source_module(
+        """
+        class Memo:
+            def __init__(self, fn):
+                self.fn = fn
+                self.cache = {}
+
+            def __call__(self, x):
+                if x not in self.cache:
+                    self.cache[x] = self.fn(x)
+                return self.cache[x]
+
+
+        @Memo
+        def slow(x):
+            return x * 2
+        """,
+        "memo",
+    )
+    text = """
+        import livepatch
+        patch = livepatch.Patch("memo")
+
+        @patch.function("TARGET_MODULE:slow")
+        def slow(x):
+            return x * 3
+    """
+    patch = livepatch.load(env.patch_text(text, m))
+    try:
+        livepatch.apply(patch, model=IMM)
+    except livepatch.PatchError as exc:
+        # a refusal is acceptable, but not for a false reason: Memo is Python code
+        assert "C callable" not in str(exc), str(exc)
+        assert "Memo" in str(exc)
+        return
+    assert m.slow(5) == 15  # the decorator (the Memo instance) keeps running
+    assert m.slow.fn(1) == 3
