@@ -52,8 +52,6 @@ def test_bad_input_gives_one_line_and_changes_nothing(lp, target) -> None:
     cases = [
         (["status", "--pid", str(dead.pid)], 3, "no process"),
         (["apply", str(good), "--pid", str(os.getpid())], 3, "has no livepatch agent"),
-        (["apply", str(good), "--pid", "0"], 3, "not a process id"),
-        (["apply", str(good), "--pid", str(target.pid), "--model", "yolo"], 2, "yolo"),
         (["revert", "never-applied", "--pid", str(target.pid)], 1, "not applied"),
     ]
     syntax = write_patch(lp.tmp, "syntax", "import livepatch\np = livepatch.Patch('x'\n")
@@ -68,8 +66,7 @@ def test_bad_input_gives_one_line_and_changes_nothing(lp, target) -> None:
         done = cli(lp, *args)
         assert done.returncode == code, (args, done.stdout, done.stderr)
         assert text in done.stderr, (args, done.stderr)
-        if code != 2:  # click's usage errors have their own two-line format
-            assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert target.ask("greet u") == "hello u"
     # --json failures are one JSON document with the code
     code, answer = cli_json(lp, "apply", str(raising), "--pid", str(target.pid))
