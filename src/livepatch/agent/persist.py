@@ -201,17 +201,48 @@ class DeferredPatches:
             ]
             for pending in ready:
                 self.remove(pending.record.name)
+        import livepatch
+
         for pending in ready:
             error: BaseException | None = None
             try:
-                import livepatch
-
                 # The module has just finished executing, under its import lock: no task
                 # can be running any of its functions yet, so no stack check is needed.
                 livepatch.apply(pending.patch, model="immediate", wait=True)
+            except livepatch.TransitionBusy:
+                # Another patch is in transition; do not hold this import hostage to it.
+                threading.Thread(
+                    target=_apply_when_idle,
+                    args=(pending,),
+                    name="livepatch-deferred",
+                    daemon=True,
+                ).start()
+                continue
             except BaseException as exc:  # never break the import that triggered us
                 error = exc
             pending.on_done(pending, error)
+
+
+def _apply_when_idle(pending: Pending, patience: float = 600.0) -> None:
+    """Apply once no transition is in flight; the module may be in use by then, so the
+    patch goes through its recorded model (with the stack checks) instead of immediate."""
+    import livepatch
+
+    error: BaseException | None = None
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            livepatch.apply(pending.patch, model=pending.record.model, wait=True)
+            break
+        except livepatch.TransitionBusy as exc:
+            if time.monotonic() > deadline:
+                error = exc
+                break
+            time.sleep(0.1)
+        except BaseException as exc:
+            error = exc
+            break
+    pending.on_done(pending, error)
 
 
 class _ImportWatcher(importlib.abc.MetaPathFinder):
