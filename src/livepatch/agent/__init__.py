@@ -51,8 +51,10 @@ def start(
     """
     global _agent, _options, _fork_hook_installed
     with _lock:
-        if _agent is not None and _agent.pid == os.getpid() and _agent.running:
-            return _agent.path
+        if _agent is not None and _agent.pid == os.getpid():
+            if _agent.running:
+                return _agent.path
+            _agent.close()  # its thread died somehow: replace it, do not leak its socket
         _options = {"trusted_keys": trusted_keys, "socket_dir": socket_dir, "restore": restore}
         _agent = _create(trusted_keys, socket_dir, restore=restore)
         if not _fork_hook_installed:
