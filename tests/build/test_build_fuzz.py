@@ -61,6 +61,42 @@ PIECES = {
     "check": "def check(name):\n    return bool(_PAT.match(name)) and len(name) < LIMIT\n",
     "coro": "async def fetch(x):\n    return x * 2\n",
     "table": 'TABLE = {"a": 1}\n\n\ndef look(k):\n    return TABLE.get(k, 0)\n',
+    "wrapped": (
+        "import functools\n"
+        "\n"
+        "\n"
+        "def logged(fn):\n"
+        "    @functools.wraps(fn)\n"
+        "    def wrapper(*args):\n"
+        "        return fn(*args)\n"
+        "    return wrapper\n"
+        "\n"
+        "\n"
+        "@logged\n"
+        "def shout(text):\n"
+        "    return text.upper() + '!' * 2\n"
+    ),
+    "static": (
+        "class Money:\n"
+        "    @staticmethod\n"
+        "    def parse(text):\n"
+        "        return int(text) * 100\n"
+        "\n"
+        "    @classmethod\n"
+        "    def zero(cls):\n"
+        "        return cls()\n"
+        "\n"
+        "    class Inner:\n"
+        "        def f(self, x=3):\n"
+        "            return x + 1\n"
+    ),
+    "sentinel": (
+        "_missing = object()\n"
+        "\n"
+        "\n"
+        "def get(d, k, default=_missing):\n"
+        "    return d.get(k, default)\n"
+    ),
 }
 ORDER = list(PIECES)
 NEW_HELPER = "\n\nimport hashlib\n\n\ndef digest(x):\n    return hashlib.md5(x).hexdigest()\n"
