@@ -213,7 +213,7 @@ def _answering_agent(pid: int, deadline: float) -> tuple[Path, dict[str, Any]] |
         return None
     try:
         socket = discovery.find_socket(pid)
-    except PatchError:
+    except (PatchError, OSError):  # OSError: a socket directory we may not look into
         return None
     try:
         return socket, _verify(pid, socket, deadline)
