@@ -118,11 +118,20 @@ async def _collect(agen: Any) -> list[Any]:
     return [item async for item in agen]
 
 
+def _raised(fn: Any, *args: Any) -> BaseException | None:
+    try:
+        fn(*args)
+    except Exception as exc:
+        return exc
+    return None
+
+
 def _namespace(module: ModuleType, setup: list[str]) -> dict[str, Any]:
     """Local names for the calls; globals stay the live module's, so rebinding shows."""
     local: dict[str, Any] = {
         "run": asyncio.run,
         "collect": lambda agen: asyncio.run(_collect(agen)),
+        "_raised": _raised,
     }
     for stmt in setup:
         exec(stmt, vars(module), local)

@@ -74,6 +74,7 @@ class ChangeKind(enum.Enum):
     CONSTANT = "added under a new name"
     IMPORT = "added (import the new code needs)"
     VALUE = "added (value the new code needs)"
+    CLASS = "added (new class the new code needs)"
     DATA_CALLBACK = "rebound by a post_patch callback (--allow-data)"
 
 
@@ -172,6 +173,7 @@ class ModulePlan:
     helpers: list[Helper] = field(default_factory=list)
     replacements: list[Replacement] = field(default_factory=list)
     rebinds: list[DataRebind] = field(default_factory=list)
+    classes: list[ClassUnit] = field(default_factory=list)  # new method-less classes
     #: new helpers other modules of the patch import: name → [(module, bound name)]
     shared: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     #: imports of names that another module's section provides (a shared helper)
@@ -180,7 +182,7 @@ class ModulePlan:
     @property
     def empty(self) -> bool:
         return not (self.imports or self.constants or self.values or self.helpers
-                    or self.replacements or self.rebinds)
+                    or self.replacements or self.rebinds or self.classes)
 
 
 @dataclass(frozen=True)
@@ -745,9 +747,18 @@ class ModuleAnalysis:
                 continue
             if name in self.new_classes or name in new.classes:
                 unit_c = new.classes[name]
+                why = _not_simple(unit_c) if name in self.new_classes else "it is not new"
+                if why is None:
+                    # a class without methods (an exception, a marker) runs no code of its
+                    # own, so it can be made in the patch file and added like a value
+                    self.plan.classes.append(unit_c)
+                    provided.add(name)
+                    pending |= _class_reads(unit_c)
+                    self.change(unit_c.line, name, ChangeKind.CLASS, "no methods")
+                    continue
                 self.refuse(unit_c.line, name, Reason.NEW_CLASS,
-                            "the new code needs this new class; a patch cannot add classes "
-                            "(their methods would not see the module's globals)", Hint.UPGRADE)
+                            f"the new code needs this new class, and {why}: its methods "
+                            "would not see the module's globals", Hint.UPGRADE)
                 continue
             if name in new.functions and name in self.helpers:
                 continue
@@ -776,7 +787,7 @@ class ModuleAnalysis:
             if name not in new.bindings:
                 self.note(binding.line, name, NoteKind.REMOVED, old=True)
         for qualname, cls in self.new_classes.items():
-            if "." not in qualname and not any(
+            if "." not in qualname and qualname not in provided and not any(
                 r.what == self._name(qualname) for r in self.outcome.refusals
             ):
                 self.note(cls.line, qualname, NoteKind.UNUSED_NEW, "new class")
@@ -820,6 +831,11 @@ class ModuleAnalysis:
             self._live_names_expr(value.unit, self.renames)
         for rebind in self.plan.rebinds:
             self._live_names_expr(rebind.unit, {})
+        made = {c.qualname for c in self.plan.classes}
+        for cls in self.plan.classes:
+            for name in sorted(_class_reads(cls) - made):
+                if self._need_live(name, cls.line, cls.qualname):
+                    self.plan.live_names.add(name)
 
     def _live_names(self, unit: FunctionUnit, names: set[str]) -> list[str]:
         return [n for n in sorted(names) if self._need_live(n, unit.line, unit.target)]
@@ -836,6 +852,7 @@ class ModuleAnalysis:
             return False
         provided = {b.name for b in self.plan.imports}
         provided |= {v.unit.name for v in self.plan.values if not v.unit.owner}
+        provided |= {c.qualname for c in self.plan.classes}
         if name in provided:
             return False
         if name in self.old.bindings:
@@ -914,6 +931,37 @@ def _has_fields(node: ast.ClassDef) -> bool:
 
 def _members(cls: ClassUnit) -> dict[str, str]:
     return {k: dump(v.value) for k, v in cls.data.items() if not k.startswith("_")}
+
+
+def _not_simple(cls: ClassUnit) -> str | None:
+    """Why a new class cannot be made in the patch file (None: it can)."""
+    node = cls.node
+    if node.decorator_list:
+        return "it is decorated"
+    if node.keywords:
+        return "it has class keywords"
+    for stmt in node.body:
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            return "it defines methods or classes"
+        if not isinstance(stmt, (ast.Assign, ast.AnnAssign, ast.Pass, ast.Expr)):
+            return "its body runs statements"
+        if isinstance(stmt, ast.Expr) and not isinstance(stmt.value, ast.Constant):
+            return "its body runs statements"
+    return None
+
+
+def _class_reads(cls: ClassUnit) -> set[str]:
+    """Globals a method-less class statement reads (bases, attribute values)."""
+    names: set[str] = set()
+    for base in cls.node.bases:
+        names |= expression_reads(base)
+    local: set[str] = set()
+    for stmt in cls.node.body:
+        if isinstance(stmt, (ast.Assign, ast.AnnAssign)) and stmt.value is not None:
+            names |= expression_reads(stmt.value) - local
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+            local |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return names
 
 
 def _is_dunder(name: str) -> bool:

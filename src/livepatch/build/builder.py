@@ -233,6 +233,7 @@ def _render(
         taken |= {v.unit.name for v in plan.values if not v.unit.owner}
         taken |= {r.new.node.name for r in plan.replacements}
         taken |= {h.unit.node.name for h in plan.helpers}
+        taken |= {c.qualname for c in plan.classes}
     if "livepatch" in taken:
         raise BuildRefused([Refusal(plans[0].new.path, 1, plans[0].new.name,
                                     Reason.NOT_UNDERSTOOD,

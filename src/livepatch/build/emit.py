@@ -143,6 +143,12 @@ def module_section(
                 continue
             out.append(f"{item.unit.name} = {value}")
             out.append(f'{patch_var}.new("{module}:{item.unit.name}", {item.unit.name})')
+    for cls in sorted(plan.classes, key=lambda c: c.line):
+        out += ["", "", "# a new class the new code needs (no methods: it runs no code of its own)"]
+        out += def_text(new, cls.node).rstrip("\n").split("\n")
+        out.append("")
+        out.append(f'{cls.qualname}.__module__ = "{module}"')
+        out.append(f'{patch_var}.new("{module}:{cls.qualname}", {cls.qualname})')
     for helper in plan.helpers:
         users = plan.shared.get(helper.unit.target)
         if users is None:

@@ -22,11 +22,12 @@ class SegmentError(Exception):
 
 def def_text(
     model: ModuleModel,
-    node: FunctionNode,
+    node: FunctionNode | ast.ClassDef,
     edits: list[Edit] = (),  # type: ignore[assignment]
     indent_to: str = "",
 ) -> str:
-    """The ``def`` (decorators left out) at column 0 (or `indent_to`), with `edits` applied."""
+    """The ``def`` or ``class`` (decorators left out) at column 0 (or `indent_to`), with
+    `edits` applied."""
     first, last = node.lineno, node.end_lineno or node.lineno
     raw = [line.encode("utf-8") for line in model.lines[first - 1 : last]]
     by_line: dict[int, list[Edit]] = {}
