@@ -138,6 +138,7 @@ class Helper:
     unit: FunctionUnit
     def_time: set[str]
     live: list[str] = field(default_factory=list)
+    edits: list[Edit] = field(default_factory=list)
 
 
 @dataclass
@@ -158,6 +159,7 @@ class NewValue:
 class DataRebind:
     owner: str  # "" (module) or class qualname
     unit: DataUnit
+    edits: list[Edit] = field(default_factory=list)
 
 
 @dataclass
@@ -656,8 +658,8 @@ class ModuleAnalysis:
             self.change(unit.line, name, ChangeKind.CONSTANT,
                         f"as {new_name}; old code keeps the old value, new code reads the new")
             for reader in readers:
-                if reader.target in self.whole:
-                    continue
+                if reader.target in self.whole or reader.target not in self.old.functions:
+                    continue  # already replaced, or new (helpers are renamed as they are emitted)
                 inside = [t for t in self.nested if _descends(t, reader.target, self.new)]
                 for t in inside:
                     del self.nested[t]
@@ -821,7 +823,8 @@ class ModuleAnalysis:
             elif target in self.helpers:
                 use = self._usage(unit)
                 self.plan.helpers.append(Helper(f"{module}:{target}", unit, set(use.def_time),
-                                                self._live_names(unit, use.def_time)))
+                                                self._live_names(unit, use.def_time),
+                                                rename_edits(unit.node, self.renames)))
                 self.change(unit.line, target, ChangeKind.HELPER, "new function")
         for constant in self.plan.constants:
             constant.edits = expression_edits(constant.unit.value, self.renames)
@@ -830,7 +833,8 @@ class ModuleAnalysis:
             value.edits = expression_edits(value.unit.value, self.renames)
             self._live_names_expr(value.unit, self.renames)
         for rebind in self.plan.rebinds:
-            self._live_names_expr(rebind.unit, {})
+            rebind.edits = expression_edits(rebind.unit.value, self.renames)
+            self._live_names_expr(rebind.unit, self.renames)
         made = {c.qualname for c in self.plan.classes}
         for cls in self.plan.classes:
             for name in sorted(_class_reads(cls) - made):

@@ -154,12 +154,12 @@ def module_section(
         if users is None:
             out += ["", "", *_live_import(module, helper.live)]
             out.append(f'@{patch_var}.new("{helper.target}")')
-            out += def_text(new, helper.unit.node).rstrip("\n").split("\n")
+            out += def_text(new, helper.unit.node, helper.edits).rstrip("\n").split("\n")
             continue
         names = ", ".join(f"{m}:{n}" for m, n in users)
         out += ["", "", *_live_import(module, helper.live)]
         out += [f"# new helper, also imported by {names}: bound by _lp_bind_imports"]
-        out += def_text(new, helper.unit.node).rstrip("\n").split("\n")
+        out += def_text(new, helper.unit.node, helper.edits).rstrip("\n").split("\n")
         name = helper.unit.node.name
         out.append("")
         out.append(f'{_IMPORTS}.append(("{module}", "{name}", {name}, "{module}"))')
@@ -185,7 +185,7 @@ def module_section(
     if plan.rebinds:
         out += ["", "# new values for data rebound by the callbacks at the end of this file"]
         for rebind in plan.rebinds:
-            value = expr_text(new, rebind.unit.value)
+            value = expr_text(new, rebind.unit.value, rebind.edits)
             out.append(f'{_DATA_NEW}["{_key(module, rebind)}"] = {value}')
     return out
 
