@@ -8,7 +8,7 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from lp_harness import raw_connect, recv_frame, send_frame
+from lp_harness import raw_connect, recv_frame, send_frame, wait_for
 
 from livepatch.agent import protocol
 
@@ -144,3 +144,31 @@ def test_random_messages_get_error_replies_and_the_agent_keeps_serving(lp, targe
     reply = recv_frame(sock)
     assert reply is not None and reply["type"] == "result"
     sock.close()
+
+
+def test_connection_flood_is_capped_and_the_agent_recovers(lp, target) -> None:
+    from livepatch.agent.server import MAX_CLIENTS
+
+    path = lp.socket_of(target.pid)
+    idle = [raw_connect(path) for _ in range(MAX_CLIENTS)]
+    try:
+        # every slot is held by a client that says nothing: the next one is turned away
+        extra = raw_connect(path)
+        reply = recv_frame(extra)
+        assert reply is not None and reply["code"] == "agent-busy"
+        extra.close()
+    finally:
+        for sock in idle:
+            sock.close()
+
+    def served() -> bool:
+        sock = raw_connect(path)
+        try:
+            send_frame(sock, b'{"op": "hello"}')
+            answer = recv_frame(sock)
+            return answer is not None and answer["type"] == "result"
+        finally:
+            sock.close()
+
+    wait_for(served, timeout=10, what="the agent to serve again")
+    assert target.ask("greet f") == "hello f"
