@@ -443,7 +443,7 @@ class ModuleAnalysis:
             self._compare_members(old, new)
         fields_class = _has_fields(n)
         if dump(old.fields) != dump(new.fields):
-            if fields_class:
+            if fields_class and _field_layout(old) != _field_layout(new):
                 self.refuse(line, what, Reason.FIELDS,
                             "its fields changed; live instances have the old layout",
                             Hint.SHADOW)
@@ -935,6 +935,15 @@ def _has_fields(node: ast.ClassDef) -> bool:
 
 def _members(cls: ClassUnit) -> dict[str, str]:
     return {k: dump(v.value) for k, v in cls.data.items() if not k.startswith("_")}
+
+
+def _field_layout(cls: ClassUnit) -> list[tuple[str, bool]]:
+    """Field names in order, and whether each is a ClassVar/InitVar (not a field at all):
+    what decides an instance's layout. The annotated type alone does not."""
+    return [
+        (dump(f.target), any(w in dump(f.annotation) for w in ("ClassVar", "InitVar")))
+        for f in cls.fields
+    ]
 
 
 def _not_simple(cls: ClassUnit) -> str | None:

@@ -273,7 +273,8 @@ class _Cutter:
             body = body[1:]
         for stmt in body:
             if isinstance(stmt, FunctionNode):
-                self._bind(stmt.name, "function")
+                if not _is_overload(stmt):  # typing.overload stubs bind nothing lasting
+                    self._bind(stmt.name, "function")
                 self.function(stmt, stmt.name, stmt.name, (), None)
             elif isinstance(stmt, ast.ClassDef):
                 self._bind(stmt.name, "class")
@@ -346,6 +347,8 @@ class _Cutter:
         seen: dict[str, int] = {}
         for stmt in body:
             if isinstance(stmt, FunctionNode):
+                if _is_overload(stmt):
+                    continue
                 role = _accessor_role(stmt)
                 target = f"{qualname}.{stmt.name}" + (f".{role}" if role else "")
                 seen[target] = seen.get(target, 0) + 1

@@ -130,7 +130,12 @@ def _classify_call(
         and func.value.id in re_names
         and func.attr in _RE_CALLS
     ):
-        if not call.args or len(call.args) > 2 or call.keywords:
+        flags = [k.value for k in call.keywords if k.arg == "flags"]
+        if not call.args or len(call.args) + len(call.keywords) > 2 or len(flags) != len(
+            call.keywords
+        ):
+            return ValueKind.UNKNOWN
+        if flags and sub(flags[0]) is not ValueKind.IMMUTABLE:
             return ValueKind.UNKNOWN
         pattern = call.args[0]
         if not (isinstance(pattern, ast.Constant) and isinstance(pattern.value, (str, bytes))):
