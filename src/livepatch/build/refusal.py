@@ -67,7 +67,10 @@ class Refusal:
     hint: Hint
 
     def message(self) -> str:
-        return f"{self.path}:{self.line}: {self.what}: {self.detail}; {self.hint.value}"
+        return (
+            f"{self.path}:{self.line}: {self.what}: {self.reason.value}: {self.detail}; "
+            f"{self.hint.value}"
+        )
 
     def to_dict(self) -> dict[str, object]:
         return {
