@@ -6,11 +6,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from lp_harness import LIVEPATCH, STARTUP
 
+import livepatch
+
+SRC = str(Path(livepatch.__file__).resolve().parent.parent)
+
+# Run with -S (no site-packages, so not the venv's own copy of the hook): livepatch is put
+# on sys.path by hand, then the directory holding the .pth is processed as site-packages.
 PROBE = (
     "import site, sys\n"
+    "sys.path.insert(0, sys.argv[2])\n"
     "site.addsitedir(sys.argv[1])\n"  # processes the .pth exactly as site-packages would
     "loaded = 'livepatch' in sys.modules\n"
     "import livepatch.agent as a\n"
@@ -27,7 +35,7 @@ def test_pth_hook_starts_the_agent_only_when_asked(lp) -> None:
         STARTUP / "livepatch-agent.pth"
     ).read_text()
     off = subprocess.run(
-        [sys.executable, "-c", PROBE, str(site_dir)],
+        [sys.executable, "-S", "-c", PROBE, str(site_dir), SRC],
         env=lp.env,
         capture_output=True,
         text=True,
@@ -35,7 +43,7 @@ def test_pth_hook_starts_the_agent_only_when_asked(lp) -> None:
     )
     assert off.stdout.split() == ["False", "False", "None"], off.stderr
     on = subprocess.run(
-        [sys.executable, "-c", PROBE, str(site_dir)],
+        [sys.executable, "-S", "-c", PROBE, str(site_dir), SRC],
         env={**lp.env, "LIVEPATCH_AGENT": "1"},
         capture_output=True,
         text=True,
