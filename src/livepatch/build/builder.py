@@ -35,7 +35,7 @@ from livepatch.build.compare import canon
 from livepatch.build.model import ModuleModel, ParseFailed, parse_module
 from livepatch.build.refusal import BuildRefused, Hint, Reason, Refusal
 from livepatch.build.segments import SegmentError, def_text
-from livepatch.build.sources import SourceFile, SourceTree, read_git, read_pair
+from livepatch.build.sources import SourceTree, read_git, read_pair
 from livepatch.errors import PatchError
 from livepatch.fingerprint import fingerprint, same_code
 
@@ -336,8 +336,4 @@ def _check_replacement(new: ModuleModel, rep: Replacement) -> None:
                               "version's def (the builder cannot move it)")
 
 
-def read_sources(old: PathOrSources, new: PathOrSources) -> tuple[SourceTree, SourceTree]:
-    return read_pair(old, new)
-
-
-__all__ = ["BuildResult", "SourceFile", "build", "build_git", "build_result", "build_trees"]
+__all__ = ["BuildResult", "build", "build_git", "build_result", "build_trees"]
