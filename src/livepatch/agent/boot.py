@@ -33,10 +33,16 @@ def wanted(environ: dict[str, str] | None = None) -> bool:
     return value not in ("", "0")
 
 
+_attempted = False
+
+
 def from_environment() -> None:
     """Start the agent if `LIVEPATCH_AGENT` is set; never raise."""
-    if not wanted():
+    global _attempted
+    # Both hooks may be present (the .pth and `livepatch run`'s PYTHONPATH): try once.
+    if _attempted or not wanted():
         return
+    _attempted = True
     try:
         from livepatch import agent
 
