@@ -195,3 +195,68 @@ def test_random_edits_give_an_applicable_patch_or_a_reasoned_refusal(
             livepatch.revert(patch.name, model="immediate")
         finally:
             sys.modules.pop(name, None)
+
+
+UTIL = (
+    "LIMIT = 10\n"
+    "\n"
+    "\n"
+    "def clip(n):\n"
+    "    return min(n, LIMIT)\n"
+)
+APP = (
+    "from .util import clip\n"
+    "\n"
+    "\n"
+    "def handle(n):\n"
+    "    return clip(n) * 2\n"
+)
+PACKAGE_EDITS = {
+    "util-body": ("util", "return min(n, LIMIT)", "return max(0, min(n, LIMIT))"),
+    "util-const": ("util", "LIMIT = 10", "LIMIT = 7"),
+    "app-body": ("app", "return clip(n) * 2", "return clip(n) * 3"),
+    "shared-helper": ("util", "", "\n\ndef double(n):\n    return 2 * n\n"),
+    "use-shared": ("app", "from .util import clip\n", "from .util import clip, double\n"),
+    "call-shared": ("app", "return clip(n) * 2", "return double(clip(n))"),
+    "new-module-import": ("app", "from .util import clip\n", "from .extra import clip\n"),
+    "util-generator": ("util", "return min(n, LIMIT)", "yield min(n, LIMIT)"),
+}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(edits=st.sets(st.sampled_from(sorted(PACKAGE_EDITS)), min_size=1, max_size=4))
+def test_random_package_edits_apply_or_refuse(edits: set[str]) -> None:
+    if "call-shared" in edits:  # the new version must be a working program itself
+        edits = edits | {"use-shared", "shared-helper"}
+    if "use-shared" in edits:
+        edits = edits | {"shared-helper"}
+    package = f"lp_fuzzpkg_{next(_counter)}"
+    old = {package: "", f"{package}.util": UTIL, f"{package}.app": APP}
+    new = dict(old)
+    for edit in sorted(edits):
+        module, before, after = PACKAGE_EDITS[edit]
+        key = f"{package}.{module}"
+        new[key] = new[key] + after if not before else new[key].replace(before, after, 1)
+    try:
+        result = build_result(old, new)
+    except BuildRefused as exc:
+        assert all(r.line >= 1 and r.hint for r in exc.refusals)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder) / package
+        root.mkdir()
+        (root / "__init__.py").write_text("")
+        (root / "util.py").write_text(UTIL)
+        (root / "app.py").write_text(APP)
+        sys.path.insert(0, folder)
+        try:
+            app = importlib.import_module(f"{package}.app")
+            patch = livepatch.loads(result.text, filename=f"<fuzz {package}>")
+            livepatch.apply(patch, model="immediate")
+            assert isinstance(app.handle(5), int)  # type: ignore[attr-defined]
+            livepatch.revert(patch.name, model="immediate")
+            assert app.handle(50) == 20  # type: ignore[attr-defined]
+        finally:
+            sys.path.remove(folder)
+            for name in [n for n in sys.modules if n.startswith(package)]:
+                del sys.modules[name]
