@@ -194,3 +194,20 @@ def test_command_json_and_exit_codes(tmp_path: Path) -> None:
     assert usage.exit_code == 2 and "pass OLD and NEW" in usage.stderr
     missing = runner.invoke(build_command, [str(tmp_path / "nope.py"), str(tmp_path / "a.py")])
     assert missing.exit_code == 2 and "does not exist" in missing.stderr
+
+
+def test_livepatch_check_loads_a_built_patch_without_the_target(tmp_path: Path) -> None:
+    """Values a patch computes at load time (a renamed regex) take the live module's imports
+    the same way, not through the target module: the file loads where it is not imported."""
+    case = Path(__file__).parent / "fixtures" / "corpus" / "regex_constant_renamed"
+    text = build(case / "v1.py", case / "v2.py", module="not_imported_anywhere")
+    assert "\nimport re\n" in text and "from not_imported_anywhere import" not in text
+    patch = tmp_path / "fix.py"
+    patch.write_text(text)
+    livepatch_cli = Path(sys.executable).with_name("livepatch")
+    if not livepatch_cli.exists():
+        pytest.skip("the livepatch console script is not installed in this environment")
+    done = subprocess.run([str(livepatch_cli), "check", str(patch)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "replaces not_imported_anywhere:valid" in done.stdout

@@ -104,13 +104,8 @@ def module_section(
     new, module = plan.new, plan.new.name
     out = ["", "", f"# == {module} ({new.path}) " + "=" * max(3, 70 - len(module) - len(new.path))]
     if plan.live_names:
-        names = ", ".join(sorted(plan.live_names))
-        out += [
-            "",
-            "# values the constants below are computed from, taken from the live module",
-            _wrap_import(module, sorted(plan.live_names)) if len(names) > 60 else
-            f"from {module} import {names}",
-        ]
+        out += ["", "# what the values below are computed from: the live module's objects"]
+        out += _take_live(plan, sorted(plan.live_names))
     if plan.imports:
         out += ["", "# imports the new code needs; the live module gets the same names"]
         for binding in sorted(plan.imports, key=lambda b: (b.line, b.name)):
@@ -152,12 +147,12 @@ def module_section(
     for helper in plan.helpers:
         users = plan.shared.get(helper.unit.target)
         if users is None:
-            out += ["", "", *_live_import(module, helper.live)]
+            out += ["", "", *_live_import(plan, helper.live)]
             out.append(f'@{patch_var}.new("{helper.target}")')
             out += def_text(new, helper.unit.node, helper.edits).rstrip("\n").split("\n")
             continue
         names = ", ".join(f"{m}:{n}" for m, n in users)
-        out += ["", "", *_live_import(module, helper.live)]
+        out += ["", "", *_live_import(plan, helper.live)]
         out += [f"# new helper, also imported by {names}: bound by _lp_bind_imports"]
         out += def_text(new, helper.unit.node, helper.edits).rstrip("\n").split("\n")
         name = helper.unit.node.name
@@ -166,7 +161,7 @@ def module_section(
         for user_module, user_name in users:
             out.append(f'{_IMPORTS}.append(("{user_module}", "{user_name}", {name}, "{module}"))')
     for rep in plan.replacements:
-        out += ["", "", *_live_import(module, rep.live)]
+        out += ["", "", *_live_import(plan, rep.live)]
         scope = _scope_names(rep)
         pad = "    " if scope else ""
         if scope:
@@ -190,16 +185,36 @@ def module_section(
     return out
 
 
-def _live_import(module: str, names: list[str]) -> list[str]:
+def _live_import(plan: ModulePlan, names: list[str]) -> list[str]:
     """The live objects a signature's defaults name (a sentinel must be *the* sentinel)."""
     if not names:
         return []
     return [
         "# defaults below are evaluated when this file loads: with the live module's objects",
-        f"from {module} import {', '.join(names)}",
+        *_take_live(plan, names),
         "",
         "",
     ]
+
+
+def _take_live(plan: ModulePlan, names: list[str]) -> list[str]:
+    """Bind `names` as the live module has them. Names it imported are imported the same
+    way (the same objects, and the target module need not be importable just to load or
+    check the patch); the rest come from the target module itself."""
+    out: list[str] = []
+    own = []
+    for name in names:
+        binding = plan.old.imports.get(name)
+        if binding is None:
+            own.append(name)
+        else:
+            out += import_lines(binding)
+    if own:
+        joined = ", ".join(own)
+        module = plan.new.name
+        out.append(_wrap_import(module, own) if len(joined) > 60 else
+                   f"from {module} import {joined}")
+    return out
 
 
 def _scope_names(rep: Replacement) -> list[str]:
