@@ -324,12 +324,12 @@ def _slot_for(target: locate.Target) -> Slot:
     existing = redirect.slot_for(target.ident)
     if existing is not None:
         if target.nested:
-            existing.funcs = locate.instances_of(*existing.known_codes())
+            existing.funcs = locate.instances_of(*existing.inner_codes())
         return existing
     if target.nested:
         original = Version(target.code, KEEP, KEEP, None)
     else:
-        original = Version.of(target.funcs[0])
+        original = Version.of(target.funcs[0], redirect.pristine(target.funcs[0]))
     return Slot(
         key=target.key,
         ident=target.ident,

@@ -17,7 +17,9 @@ from typing import Any
 
 _TOOL_NAME = "livepatch-exercise"
 _lock = threading.Lock()
-_first_run: dict[CodeType, float | None] = {}  # code → time of first run (None: not yet)
+#: id(code) → [code, time of first run or None]; by identity, since code objects compiled
+#: from the same source compare equal
+_first_run: dict[int, list[Any]] = {}
 _tool: int | None = None
 
 _monitoring: Any = getattr(sys, "monitoring", None)
@@ -39,8 +41,9 @@ def _claim_tool() -> int | None:
 
 
 def _on_start(code: CodeType, offset: int) -> Any:
-    if code in _first_run and _first_run[code] is None:
-        _first_run[code] = time.time()
+    entry = _first_run.get(id(code))
+    if entry is not None and entry[0] is code and entry[1] is None:
+        entry[1] = time.time()
     return _monitoring.DISABLE
 
 
@@ -51,14 +54,15 @@ def watch(codes: list[CodeType]) -> None:
         if tool is None:
             return
         for code in codes:
-            if code not in _first_run:
-                _first_run[code] = None
+            if id(code) not in _first_run:
+                _first_run[id(code)] = [code, None]
                 _monitoring.set_local_events(tool, code, _monitoring.events.PY_START)
 
 
 def first_run(code: CodeType) -> float | None:
     """When `code` first ran (epoch seconds), None if not yet."""
-    return _first_run.get(code)
+    entry = _first_run.get(id(code))
+    return entry[1] if entry is not None and entry[0] is code else None
 
 
 def supported() -> bool:

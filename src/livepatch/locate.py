@@ -221,9 +221,25 @@ def _resolve_nested(key: str, module: ModuleType, qualname: str) -> Target:
     cut = parts.index(_LOCALS)
     outer_key = f"{module.__name__}:{'.'.join(parts[:cut])}"
     outer = resolve(outer_key).funcs[0]
-    chain = _const_chain(outer.__code__, qualname)
+    # the enclosing function's original code, if a patch replaced it: its own version
+    # carries a recompiled copy of the nested function, which is not the original
+    from livepatch.redirect import slot_for
+
+    outer_slot = slot_for(("func", id(outer)))
+    outer_code = outer_slot.original.code if outer_slot else outer.__code__
+    if qualname.split(".")[-1].startswith("<"):
+        raise UnsafeChange(
+            f"{key} is a {qualname.split('.')[-1]}; lambdas and comprehensions cannot be "
+            "targeted directly — patch the function that contains them"
+        )
+    chain = _const_chain(outer_code, qualname)
     if chain is None:
         raise TargetNotFound(f"{key}: {outer_key} defines no {qualname!r}; check the name")
+    if len(_named(outer_code, qualname)) > 1:
+        raise TargetNotFound(
+            f"{key} is ambiguous: {outer_key} defines {len(_named(outer_code, qualname))} "
+            f"functions named {qualname!r} (e.g. in if/else branches); patch {outer_key} instead"
+        )
     code = chain[-1]
     enclosing = frozenset(
         name
@@ -244,6 +260,16 @@ def _resolve_nested(key: str, module: ModuleType, qualname: str) -> Target:
     )
 
 
+def _named(code: CodeType, qualname: str) -> list[CodeType]:
+    found = []
+    for const in code.co_consts:
+        if isinstance(const, CodeType):
+            if const.co_qualname == qualname:
+                found.append(const)
+            found += _named(const, qualname)
+    return found
+
+
 def _const_chain(code: CodeType, qualname: str) -> list[CodeType] | None:
     """[code, ..., the nested code called `qualname`], following code constants."""
     for const in code.co_consts:
@@ -258,11 +284,11 @@ def _const_chain(code: CodeType, qualname: str) -> list[CodeType] | None:
 
 def instances_of(*codes: CodeType) -> list[FunctionType]:
     """Every live function object running one of `codes` (closure instances)."""
-    wanted = set(codes)
+    wanted = {id(c) for c in codes}  # identity: equal code objects are not the same one
     found = {
         id(r): r
         for r in gc.get_referrers(*codes)
-        if isinstance(r, FunctionType) and r.__code__ in wanted
+        if isinstance(r, FunctionType) and id(r.__code__) in wanted
     }
     return list(found.values())
 

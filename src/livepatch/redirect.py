@@ -57,15 +57,22 @@ class Version:
     patch: str | None = None
 
     @classmethod
-    def of(cls, func: FunctionType, patch: str | None = None) -> Version:
-        return cls(func.__code__, func.__defaults__, _copy(func.__kwdefaults__), patch)
+    def of(cls, func: FunctionType, code: CodeType | None = None) -> Version:
+        """What `func` runs now (with `code` instead of its own, if given)."""
+        return cls(code or func.__code__, func.__defaults__, _copy(func.__kwdefaults__))
 
     def install(self, func: FunctionType) -> None:
-        func.__code__ = self.code
-        if self.defaults is not KEEP:
-            func.__defaults__ = self.defaults
-        if self.kwdefaults is not KEEP:
-            func.__kwdefaults__ = _copy(self.kwdefaults)
+        # Everything is computed first, then three attribute stores follow with no call
+        # and no backward jump between them: the eval breaker (and so a switch to another
+        # thread) cannot fire in between, so no caller sees new code with old defaults.
+        code, defaults, keep_defaults = self.code, self.defaults, self.defaults is KEEP
+        keep_kw = self.kwdefaults is KEEP
+        kwdefaults = None if keep_kw else _copy(self.kwdefaults)
+        func.__code__ = code
+        if not keep_defaults:
+            func.__defaults__ = defaults
+        if not keep_kw:
+            func.__kwdefaults__ = kwdefaults
 
 
 def _copy(kwdefaults: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -91,14 +98,15 @@ class Slot:
     #: a nested function: instances come and go, defaults are per instance
     nested: bool = False
 
-    #: every code object this slot has installed (nested instances and outer constants
-    #: may still hold any of them)
-    seen: set[CodeType] = field(default_factory=set)
+    #: every code object this slot has installed, by id (nested instances and outer
+    #: constants may still hold any of them). Code objects compare *equal* when compiled
+    #: from the same source, so identity is the only safe key.
+    seen: dict[int, CodeType] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.ident is None:
             self.ident = ("func", id(self.funcs[0]))
-        self.seen.add(self.original.code)
+        self.seen[id(self.original.code)] = self.original.code
 
     @property
     def func(self) -> FunctionType:
@@ -113,8 +121,12 @@ class Slot:
                 return version
         return None
 
-    def known_codes(self) -> set[CodeType]:
-        return {self.original.code, *(v.code for v in self.stack)}
+    def known_codes(self) -> list[CodeType]:
+        return [self.original.code, *(v.code for v in self.stack)]
+
+    @property
+    def qualname(self) -> str:
+        return self.original.code.co_qualname
 
     def install(self, version: Version) -> list[str]:
         """Make every live object of this slot run `version` (no dispatch).
@@ -123,14 +135,18 @@ class Slot:
         the code is installed regardless; the caller decides whether that is a failure.
         """
         if self.nested:
-            # closures made since the slot was planned run a known version: adopt them
+            # closures made since the slot was planned, by any version of the enclosing
+            # function, run some version of this code: adopt them
             from livepatch.locate import instances_of
 
-            self.funcs = instances_of(*self.seen, *self.known_codes(), version.code)
-        self.seen.add(version.code)
+            self.funcs = instances_of(*self.inner_codes(), version.code)
+        self.seen[id(version.code)] = version.code
         for func in self.funcs:
             version.install(func)
-        self._rewrite_outers(version.code)
+        if self.nested:
+            self.rewrite_outers(version.code)
+        else:
+            _reconcile_nested(self)
         errors = []
         for hook in self.after_install:
             # never let user code break an install or a rollback half-way
@@ -146,22 +162,63 @@ class Slot:
         for func in self.funcs:
             func.__code__ = code
 
-    def _rewrite_outers(self, code: CodeType) -> None:
-        known = self.seen | self.known_codes()
+    def inner_codes(self) -> list[CodeType]:
+        """Every code object that is "this nested function": ours, and the constants of
+        every version the enclosing functions have had (their own patches compile one)."""
+        codes = [*self.seen.values(), *self.known_codes()]
         for outer in self.outers:
-            outer.__code__ = replace_const(outer.__code__, known, code)
+            codes += named_consts(outer.__code__, self.qualname)
+            outer_slot = _slots.get(("func", id(outer)))
+            for code in outer_slot.seen.values() if outer_slot else ():
+                codes += named_consts(code, self.qualname)
+        return list({id(c): c for c in codes}.values())
+
+    def rewrite_outers(self, code: CodeType) -> None:
+        """Make the enclosing functions create closures that run `code` from now on."""
+        for outer in self.outers:
+            outer.__code__ = replace_named(outer.__code__, self.qualname, code)
 
 
-def replace_const(code: CodeType, olds: set[CodeType], new: CodeType) -> CodeType:
-    """Return `code` with every code constant in `olds` (at any depth) replaced by `new`."""
+def _reconcile_nested(outer_slot: Slot) -> None:
+    """After an enclosing function got new code, re-point its nested constants at the
+    versions their own slots run (a patch to `outer` must not drop a patch to `inner`)."""
+    for slot in list(_slots.values()):
+        if slot.nested and slot.stack and any(o in outer_slot.funcs for o in slot.outers):
+            slot.rewrite_outers(slot.effective().code)
+
+
+def pristine(func: FunctionType) -> CodeType:
+    """`func`'s code with the constants that nested slots rewrote put back to their
+    originals: the code its source compiles to, for fingerprints."""
+    code = func.__code__
+    for slot in list(_slots.values()):
+        if slot.nested and func in slot.outers:
+            code = replace_named(code, slot.qualname, slot.original.code)
+    return code
+
+
+def named_consts(code: CodeType, qualname: str) -> list[CodeType]:
+    """Code constants (at any depth) whose qualified name is `qualname`."""
+    found = []
+    for const in code.co_consts:
+        if isinstance(const, CodeType):
+            if const.co_qualname == qualname:
+                found.append(const)
+            found += named_consts(const, qualname)
+    return found
+
+
+def replace_named(code: CodeType, qualname: str, new: CodeType) -> CodeType:
+    """`code` with every code constant named `qualname` (at any depth) replaced by `new`."""
     changed = False
     consts = []
     for const in code.co_consts:
         if isinstance(const, CodeType):
-            if const in olds and const is not new:
-                const, changed = new, True
+            if const.co_qualname == qualname:
+                changed = changed or const is not new
+                const = new
             else:
-                inner = replace_const(const, olds, new)
+                inner = replace_named(const, qualname, new)
                 if inner is not const:
                     const, changed = inner, True
         consts.append(const)
