@@ -211,3 +211,14 @@ def test_livepatch_check_loads_a_built_patch_without_the_target(tmp_path: Path) 
                           text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "replaces not_imported_anywhere:valid" in done.stdout
+
+
+def test_whole_replacement_reports_closures_that_keep_old_code() -> None:
+    old = {"m": "def retry(n):\n    def wrapper():\n        return n\n    return wrapper\n"}
+    new = {"m": "def retry(n):\n    n = n + 1\n\n    def wrapper():\n        return n * 2\n"
+                "    return wrapper\n"}
+    result = build_result(old, new)
+    assert [c.what for c in result.changes] == ["m:retry"]
+    (note,) = result.notes
+    assert note.kind.name == "OLD_CLOSURES" and note.detail == "wrapper"
+    assert "closures of its nested functions made before the patch keep" in result.text

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from livepatch.build.compare import (
     Status,
+    canon,
     compare_functions,
     dump,
     signature_problem,
@@ -95,6 +96,10 @@ class NoteKind(enum.Enum):
     NEW_MODULE = "new module; not added (nothing the patch changes imports it)"
     REMOVED_MODULE = "module removed in the new version; left loaded"
     FREEVARS_DROPPED = "no longer uses a free variable; the engine keeps the cell"
+    OLD_CLOSURES = (
+        "replaced whole; closures of its nested functions made before the patch keep "
+        "their old code (only new calls make new ones)"
+    )
 
 
 @dataclass(frozen=True)
@@ -347,6 +352,9 @@ class ModuleAnalysis:
         nested = self.nested_targets(old, new)
         if nested is None:
             self.whole[new.target] = ChangeKind.REPLACED
+            stale = self._changed_children(old, new)
+            if stale:
+                self.note(new.line, new.target, NoteKind.OLD_CLOSURES, ", ".join(stale))
         else:
             for target in nested:
                 self.nested[target] = ChangeKind.NESTED
@@ -371,6 +379,19 @@ class ModuleAnalysis:
             self.refuse(unit.line, unit.target, Reason.FREE_VARIABLES, problem, hint)
         else:
             self.refuse(unit.line, unit.target, Reason.DECORATOR, problem, Hint.UPGRADE)
+
+    def _changed_children(self, old: FunctionUnit, new: FunctionUnit) -> list[str]:
+        """Nested defs of `new` whose code differs: closures of them made before the patch
+        keep the old code when the parent is replaced whole."""
+        before = {u.target: u for u in self.old.functions.values() if u.parent == old.target}
+        changed = []
+        for child in self.new.functions.values():
+            if child.parent != new.target:
+                continue
+            twin = before.get(child.target)
+            if twin is None or canon(twin.node) != canon(child.node):
+                changed.append(child.qualname.rpartition(".")[2])
+        return changed
 
     def nested_targets(self, old: FunctionUnit, new: FunctionUnit) -> list[str] | None:
         """Targets for a change confined to nested defs, or None to replace `new` whole."""
