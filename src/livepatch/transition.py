@@ -19,6 +19,8 @@ Models:
   every task existing at the start is in the old universe and moves to the new one at a
   safe point — :func:`safepoint`, a request boundary (``livepatch.integrations``), its own
   start (tasks and threads started during the transition are born new) — or when it ends.
+  Event loops get kGraft's "fake signal": a callback that switches, between two callbacks,
+  the loop thread and every Task suspended at an ``await`` outside the patch.
 * ``hybrid`` (Linux 4.12+, the default): as ``two_universe``, but at the start every task
   whose stack holds no old frame is switched at once, a task behind switches itself at its
   next call into the patch made from a clean stack, and a worker thread re-checks the rest
@@ -553,6 +555,8 @@ def _run_dispatch(t: Transition) -> None:
             _end_dispatch(t, forced=True)
             return
         u.check_all(switch=u.hybrid)
+        if not u.hybrid:
+            u.signal_loops()
         u.scan()
         _update(t)
         if t.tasks_switched != last:
