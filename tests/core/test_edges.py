@@ -497,3 +497,25 @@ def test_class_based_decorator(env: Env) -> None:
         return
     assert m.slow(5) == 15  # the decorator (the Memo instance) keeps running
     assert m.slow.fn(1) == 3
+
+
+def test_atomic_replace_puts_nested_functions_back(env: Env, m: types.ModuleType) -> None:
+    made_before = m.existing
+    livepatch.apply(load(env, m, PATCH_INNER), model=IMM)
+    made_during = m.outer(3)
+    assert (made_before(1), made_during(1)) == (1002, 1003)
+    text = """
+        import livepatch
+        patch = livepatch.Patch("replace-all", cumulative=True)
+
+        @patch.function("TARGET_MODULE:branchy")
+        def branchy(flag):
+            return lambda: "replaced"
+    """
+    livepatch.apply(load(env, m, text), model=IMM)
+    assert [p.name for p in livepatch.patches()] == ["replace-all"]
+    assert (made_before(1), made_during(1), m.outer(4)(1)) == (2, 3, 4)
+    livepatch.revert("replace-all", model=IMM)
+    assert m.branchy(True)() == "yes"
+    livepatch.apply(load(env, m, PATCH_INNER), model=IMM)  # and it can be patched again
+    assert (made_before(1), made_during(1), m.outer(4)(1)) == (1002, 1003, 1004)
