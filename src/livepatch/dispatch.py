@@ -43,6 +43,7 @@ import functools
 import sys
 import threading
 import types
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from types import CodeType, FrameType, FunctionType
@@ -51,6 +52,15 @@ from typing import Any
 from livepatch import tasks
 from livepatch.errors import UnsafeChange
 from livepatch.redirect import KEEP, Version
+
+# 3.13 deprecates putting a plain function's code into a generator function; the trampoline
+# is a plain function that returns the clone's generator, which is exactly what it means.
+warnings.filterwarnings(
+    "ignore",
+    message="Assigning a code object of non-matching type",
+    category=DeprecationWarning,
+    module=r"livepatch\.dispatch",
+)
 
 OLD, NEW = 0, 1
 _KIND_FLAGS = 0x20 | 0x80 | 0x200  # generator, coroutine, async generator
