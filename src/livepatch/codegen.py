@@ -66,6 +66,31 @@ class Context:
 _imports_cache: dict[tuple[str, int], tuple[str, ...]] = {}
 
 
+def module_future_flags(module: ModuleType) -> int:
+    """The ``from __future__`` compiler flags of `module`: from its source, else from
+    any function defined in it."""
+    filename = getattr(module, "__file__", None)
+    lines = linecache.getlines(filename, module.__dict__) if filename else []
+    if lines:
+        try:
+            tree = ast.parse("".join(lines))
+        except SyntaxError:
+            tree = None
+        if tree is not None:
+            flags = 0
+            for node in tree.body:
+                if isinstance(node, ast.ImportFrom) and node.module == "__future__":
+                    for alias in node.names:
+                        feature = getattr(__future__, alias.name, None)
+                        flags |= getattr(feature, "compiler_flag", 0)
+            return flags
+    for value in vars(module).values():
+        code = getattr(value, "__code__", None)
+        if isinstance(code, CodeType) and getattr(value, "__module__", None) == module.__name__:
+            return code.co_flags & _FUTURE_MASK
+    return 0
+
+
 def module_imports(module: ModuleType) -> tuple[str, ...]:
     """Names bound by ``import`` statements at the top level of `module`'s source."""
     filename = getattr(module, "__file__", None)

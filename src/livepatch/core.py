@@ -18,6 +18,7 @@ caller waits for a transition. Read-only views (:func:`patches`) take it briefly
 from __future__ import annotations
 
 import ast
+import copy
 import dis
 import linecache
 import logging
@@ -41,7 +42,7 @@ from livepatch.errors import (
     UnsafeChange,
 )
 from livepatch.fingerprint import fingerprint, is_fingerprint, same_code
-from livepatch.patch import FunctionSpec, NewSpec, Patch, load
+from livepatch.patch import FunctionSpec, NewSpec, Patch, Source, load
 from livepatch.redirect import KEEP, Slot, Version
 from livepatch.transition import Change, Direction, Model, Transition
 
@@ -102,6 +103,7 @@ class _Record:
     applied_at: float = field(default_factory=time.time)
     forced: bool = False
     callback_errors: list[str] = field(default_factory=list)
+    unverified: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,8 @@ class AppliedPatch:
     #: per function, when its new code first ran (epoch seconds; None: not yet);
     #: None as a whole where the interpreter cannot tell cheaply (3.11)
     exercised: dict[str, float | None] | None = None
+    #: functions applied without proof that the live code was what the patch expected
+    unverified: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -141,6 +145,7 @@ class AppliedPatch:
             "states": dict(self.states),
             "callback_errors": list(self.callback_errors),
             "exercised": dict(self.exercised) if self.exercised is not None else None,
+            "unverified": list(self.unverified),
         }
 
 
@@ -169,6 +174,7 @@ def _view(r: _Record) -> AppliedPatch:
         states=dict(r.patch.states),
         callback_errors=list(r.callback_errors),
         exercised=_exercised(r),
+        unverified=list(r.unverified),
     )
 
 
@@ -278,8 +284,9 @@ def _prepare(patch: Patch, spec: FunctionSpec) -> tuple[_Prepared, PlannedChange
             "written, but replacements run with the target module's globals; make it a "
             "top-level def in the patch file and bring values in with patch.new"
         )
-    node = codegen.source_node(spec.replacement)
-    filename = _display_filename(patch, spec.replacement.__code__.co_filename)
+    assert spec.source is not None
+    node = spec.source.node
+    filename = _display_filename(patch, spec.source)
     if node is None:
         if spec.replacement.__code__.co_freevars != ctx.freevars or ctx.class_name:
             raise UnsafeChange(
@@ -309,6 +316,7 @@ def _prepare(patch: Patch, spec: FunctionSpec) -> tuple[_Prepared, PlannedChange
             "depend on the kind — keep it, or use livepatch upgrade"
         )
     if target.nested:
+        _refuse_nested_defaults(spec, slot, node)
         version = Version(code, KEEP, KEEP, patch.name)
     else:
         kwdefaults = spec.replacement.__kwdefaults__
@@ -318,6 +326,35 @@ def _prepare(patch: Patch, spec: FunctionSpec) -> tuple[_Prepared, PlannedChange
     if _signature(code) != _signature(live):
         note += "; the signature changed: callers that bind arguments the old way may break"
     return _Prepared(spec, slot, version), PlannedChange(spec.target, verified, note)
+
+
+def _refuse_nested_defaults(
+    spec: FunctionSpec, slot: Slot, node: codegen.FunctionNode | None
+) -> None:
+    """A nested function's defaults are evaluated by its enclosing function each time it
+    makes a closure: a replacement of the nested function alone cannot change them."""
+    new = (spec.replacement.__defaults__, spec.replacement.__kwdefaults__)
+    if slot.funcs:
+        live = (slot.funcs[0].__defaults__, slot.funcs[0].__kwdefaults__)
+        same = _same_defaults(new, live)
+    elif spec.expect is not None and node is not None and not is_fingerprint(spec.expect):
+        old = codegen.parse_def(spec.expect, f"expect of {spec.target}")
+        same = ast.dump(old.args) == ast.dump(node.args)
+    else:
+        same = not (new[0] or new[1])
+    if not same:
+        raise UnsafeChange(
+            f"{spec.target}: the replacement changes default argument values, but a nested "
+            "function's defaults are evaluated by its enclosing function; patch the "
+            "enclosing function too, or keep the defaults"
+        )
+
+
+def _same_defaults(a: tuple[Any, Any], b: tuple[Any, Any]) -> bool:
+    try:
+        return bool(a[0] == b[0] and (a[1] or {}) == (b[1] or {}))
+    except Exception:  # an odd __eq__ on a default: cannot tell, so refuse
+        return False
 
 
 def _slot_for(target: locate.Target) -> Slot:
@@ -341,13 +378,13 @@ def _slot_for(target: locate.Target) -> Slot:
     )
 
 
-def _display_filename(patch: Patch, filename: str) -> str:
-    """Where tracebacks through the new code point: the patch's file, named by the patch."""
-    display = f"{filename} [livepatch {patch.name}]"
-    if display not in linecache.cache:
-        lines = linecache.getlines(filename)
-        if lines:
-            linecache.cache[display] = (sum(map(len, lines)), None, lines, display)
+def _display_filename(patch: Patch, source: Source) -> str:
+    """Where tracebacks through the new code point: the patch's file, named by the patch,
+    showing the text the patch was loaded from."""
+    display = f"{source.filename} [livepatch {patch.name}]"
+    if source.lines:
+        lines = list(source.lines)
+        linecache.cache[display] = (sum(map(len, lines)), None, lines, display)
     return display
 
 
@@ -361,8 +398,6 @@ def _refuse_extra_decorators(spec: FunctionSpec, node: codegen.FunctionNode) -> 
 
 
 def _is_patch_decorator(node: Any) -> bool:
-    import ast
-
     return (
         isinstance(node, ast.Call)
         and isinstance(node.func, ast.Attribute)
@@ -473,8 +508,13 @@ def _prepare_new(patch: Patch, spec: NewSpec, superseded: set[str]) -> _Added:
             "choose a new name"
         )
     value = spec.value
-    if isinstance(value, types.FunctionType):
-        value = _rebuild_helper(patch, spec, holder, name)
+    # descriptors wrap the function that must run with the target's globals
+    if isinstance(value, (staticmethod, classmethod)):
+        value = type(value)(_rebuild_helper(patch, spec, value.__func__, holder, name))
+    elif isinstance(value, property):
+        value = value.getter(_rebuild_helper(patch, spec, value.fget, holder, name))
+    elif isinstance(value, types.FunctionType):
+        value = _rebuild_helper(patch, spec, value, holder, name)
     return _Added(holder, name, value, spec.target)
 
 
@@ -487,28 +527,45 @@ def _owned_by(holder: Any, name: str, patch_names: set[str]) -> bool:
     )
 
 
-def _rebuild_helper(patch: Patch, spec: NewSpec, holder: Any, name: str) -> types.FunctionType:
+def _rebuild_helper(
+    patch: Patch, spec: NewSpec, fn: Any, holder: Any, name: str
+) -> types.FunctionType:
     """A helper runs with the target module's globals, like the replacements that call it."""
-    fn: types.FunctionType = spec.value
+    if not isinstance(fn, types.FunctionType):
+        raise UnsafeChange(f"{spec.target}: only Python functions can be added as helpers")
     if fn.__code__.co_freevars:
         raise UnsafeChange(
             f"{spec.target}: the new helper closes over {', '.join(fn.__code__.co_freevars)}; "
             "helpers run with the target module's globals — make it a top-level def"
         )
-    module = holder if isinstance(holder, types.ModuleType) else sys.modules[holder.__module__]
-    qualname = name if isinstance(holder, types.ModuleType) else f"{holder.__qualname__}.{name}"
-    ctx = codegen.Context(qualname=qualname, freevars=(), class_name=None, flags=0)
-    if not isinstance(holder, types.ModuleType):
-        ctx = codegen.Context(qualname, (), holder.__name__, 0)
-    node = codegen.source_node(fn)
-    if node is not None:
-        _refuse_extra_decorators(FunctionSpec(spec.target, fn, None), _strip_new(node))
-        node = _strip_new(node)
-        filename = _display_filename(patch, fn.__code__.co_filename)
-        code = codegen.compile_function(node, ctx, filename)
+    is_module = isinstance(holder, types.ModuleType)
+    module = holder if is_module else sys.modules[holder.__module__]
+    qualname = name if is_module else f"{holder.__qualname__}.{name}"
+    flags = codegen.module_future_flags(module)
+    ctx = codegen.Context(
+        qualname, (), None if is_module else holder.__name__, flags,
+        codegen.module_imports(module),
+    )
+    closure: tuple[types.CellType, ...] | None = None
+    source = spec.source
+    if source is not None and source.node is not None:
+        node = _strip_new(source.node)
+        _refuse_extra_decorators(FunctionSpec(spec.target, fn, None, source), node)
+        filename = _display_filename(patch, source)
+        try:
+            code = codegen.compile_function(node, ctx, filename)
+        except UnsafeChange:
+            if is_module:
+                raise
+            # a new method using zero-argument super(): give it a __class__ cell bound
+            # to the live class, as the class statement would have
+            ctx = codegen.Context(ctx.qualname, ("__class__",), ctx.class_name, flags,
+                                  ctx.imports)
+            code = codegen.compile_function(node, ctx, filename)
+            closure = (types.CellType(holder),)
     else:
         code = fn.__code__
-    new = types.FunctionType(code, module.__dict__, name, fn.__defaults__, None)
+    new = types.FunctionType(code, module.__dict__, name, fn.__defaults__, closure)
     new.__kwdefaults__ = fn.__kwdefaults__
     new.__qualname__ = qualname
     new.__module__ = module.__name__
@@ -517,9 +574,8 @@ def _rebuild_helper(patch: Patch, spec: NewSpec, holder: Any, name: str) -> type
 
 
 def _strip_new(node: codegen.FunctionNode) -> codegen.FunctionNode:
-    import ast
-    import copy
-
+    """The helper's def without ``@patch.new(...)`` and the descriptor decorators that
+    _prepare_new re-applies itself."""
     node = copy.copy(node)
     node.decorator_list = [
         d
@@ -529,6 +585,7 @@ def _strip_new(node: codegen.FunctionNode) -> codegen.FunctionNode:
             and isinstance(d.func, ast.Attribute)
             and d.func.attr == "new"
         )
+        and not (isinstance(d, ast.Name) and d.id in ("staticmethod", "classmethod", "property"))
     ]
     return node
 
@@ -582,11 +639,20 @@ def apply(
 def _start_apply(patch: Patch, model: Model, timeout: float, force: bool) -> Transition:
     _refuse_if_busy(patch.name)
     the_plan = _plan(patch)
-    log.info("livepatch: %s: verified %d function(s)", patch.name, len(the_plan.prepared))
+    unverified = [c.target for c in the_plan.changes if not c.verified]
+    total = len(the_plan.changes)
+    if unverified:
+        log.warning(
+            "livepatch: %s: verified %d of %d function(s); not verified (no expect=): %s",
+            patch.name, total - len(unverified), total, ", ".join(unverified),
+        )
+    else:
+        log.info("livepatch: %s: verified %d of %d function(s)", patch.name, total, total)
     _run_callbacks(patch, "pre_patch", veto=True)
     superseded = [r for r in _applied] if patch.cumulative else []
     changes = _apply_changes(the_plan, superseded)
-    record = _Record(patch, model, [p.slot for p in the_plan.prepared], the_plan.added)
+    record = _Record(patch, model, [p.slot for p in the_plan.prepared], the_plan.added,
+                     unverified=unverified)
     installed: list[_Added] = []
     try:
         for added in the_plan.added:

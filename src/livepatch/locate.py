@@ -173,6 +173,17 @@ def _unwrap(key: str, obj: Any, qualname: str, after: list[Callable[[], None]]) 
             obj = obj.__wrapped__
         elif hasattr(obj, "__wrapped__"):
             obj = obj.__wrapped__
+        elif _is_python_instance(obj):
+            # a class-based decorator (memoizer, task registry, CLI command object): the
+            # function it wraps is one of its attributes
+            inner = _attribute_function(obj, qualname, want)
+            if inner is None:
+                raise TargetNotFound(
+                    f"{key} is a {type(obj).__name__} instance (a class-based decorator?) and "
+                    f"none of its attributes is the function {qualname}; name the function "
+                    "it wraps"
+                )
+            obj = inner
         elif callable(obj) and not inspect.isclass(obj):
             raise UnsafeChange(
                 f"{key} is a C callable ({type(obj).__name__}); livepatch replaces Python "
@@ -180,6 +191,28 @@ def _unwrap(key: str, obj: Any, qualname: str, after: list[Callable[[], None]]) 
             )
         else:
             raise TargetNotFound(f"{key} is a {type(obj).__name__}, not a function")
+
+
+def _is_python_instance(obj: Any) -> bool:
+    cls = type(obj)
+    return (
+        not inspect.isclass(obj)
+        and not isinstance(obj, ModuleType)
+        and getattr(cls, "__module__", "builtins") != "builtins"
+        and (hasattr(obj, "__dict__") or hasattr(cls, "__slots__"))
+    )
+
+
+def _attribute_function(obj: Any, qualname: str, want: str) -> Any:
+    values = list(getattr(obj, "__dict__", {}).values())
+    for name in getattr(type(obj), "__slots__", ()):
+        if hasattr(obj, name):
+            values.append(getattr(obj, name))
+    for value in values:
+        candidate = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
+        if isinstance(candidate, FunctionType) and _matches(candidate, qualname, want):
+            return value
+    return None
 
 
 def _matches(func: FunctionType, qualname: str, want: str) -> bool:

@@ -30,11 +30,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from livepatch.codegen import FunctionNode, source_node
 from livepatch.errors import PatchFileError
 
 F = TypeVar("F", bound=Callable[..., Any])
 Callback = Callable[[], Any]
 _NO_VALUE: Any = object()
+
+
+@dataclass(frozen=True)
+class Source:
+    """A def's source, captured when the patch was loaded.
+
+    Captured then, not looked up at apply time: a later load of another text under the
+    same file name (an edited patch file, or two patches sent to the agent) replaces the
+    global line cache, and must not change what an already loaded patch installs.
+    """
+
+    node: FunctionNode | None
+    lines: tuple[str, ...]
+    filename: str
+
+    @classmethod
+    def of(cls, fn: types.FunctionType) -> Source:
+        filename = fn.__code__.co_filename
+        lines = tuple(linecache.getlines(filename, fn.__globals__))
+        return cls(source_node(fn), lines, filename)
 
 
 @dataclass
@@ -44,6 +65,11 @@ class FunctionSpec:
     target: str
     replacement: types.FunctionType
     expect: str | None
+    source: Source | None = None
+
+    def __post_init__(self) -> None:
+        if self.source is None:
+            self.source = Source.of(self.replacement)
 
 
 @dataclass
@@ -52,6 +78,16 @@ class NewSpec:
 
     target: str
     value: Any
+    source: Source | None = None
+
+    def __post_init__(self) -> None:
+        fn = self.value
+        if isinstance(fn, (staticmethod, classmethod)):
+            fn = fn.__func__
+        elif isinstance(fn, property):
+            fn = fn.fget
+        if self.source is None and isinstance(fn, types.FunctionType):
+            self.source = Source.of(fn)
 
 
 @dataclass
