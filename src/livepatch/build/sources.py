@@ -245,7 +245,8 @@ def _read_rev(
             except ValueError:
                 continue  # outside --root: not part of the importable tree
         try:
-            text = body.decode("utf-8")
+            # universal newlines, as reading a file (and the import system) would give
+            text = body.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
         except UnicodeDecodeError as exc:
             raise BuildInputError(f"{rev}:{path} is not UTF-8: {exc}") from None
         tree.add(SourceFile(module_name(rel, packages), path, text))
