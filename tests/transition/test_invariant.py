@@ -88,11 +88,15 @@ def test_stop_reports_blockers_when_it_cannot_succeed(tmp_path):
 def test_immediate_does_mix_versions(tmp_path):
     """The test can fail: without a consistency model, stacks do mix versions."""
     module = import_source(tmp_path, TARGET)
+    patch = patch_for(module, "invariant-immediate", PATCH)
     load = Workload(module, threads=16, tasks=200).start()
     try:
-        deadline = time.monotonic() + CYCLE_SECONDS
+        deadline = time.monotonic() + 2 * CYCLE_SECONDS
         while time.monotonic() < deadline and len(module.VIOLATIONS) < 10:
-            _cycles(module, "immediate", 0.2)
+            livepatch.apply(patch, model="immediate")
+            time.sleep(0.005)  # let the workload run on both sides of each swap
+            livepatch.revert("invariant-immediate", model="immediate")
+            time.sleep(0.005)
     finally:
         load.stop()
     assert module.VIOLATIONS, "immediate never mixed versions: the invariant test is blind"

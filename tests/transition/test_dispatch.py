@@ -1,0 +1,190 @@
+"""Dispatch trampolines: every function shape calls the right version during a transition,
+and nothing of the trampoline is left once the transition ends."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+import livepatch
+from livepatch import dispatch
+
+from .conftest import patch_for
+
+TARGET = """
+import threading
+HOLD = threading.Event()
+HELD = threading.Event()
+
+def hold():
+    HELD.set()
+    HOLD.wait(10)
+
+def plain(a, b=10, *rest, c=5, **kw):
+    return ("v1", a, b, rest, c, kw)
+
+def posonly(a, /, b):
+    return ("v1", a, b)
+
+def make_counter():
+    n = [0]
+    def counter(step=1):
+        n[0] += step
+        return ("v1", n[0])
+    return counter
+
+COUNTER = make_counter()
+
+class Base:
+    def who(self):
+        return "base"
+
+class Child(Base):
+    def who(self):
+        return ("v1", super().who())
+
+def gen(n):
+    for i in range(n):
+        yield ("v1", i)
+
+async def coro(x):
+    return ("v1", x)
+
+def defaults_change(a, b=1):
+    return ("v1", a, b)
+"""
+
+PATCH = """
+@patch.function("M:hold")
+def hold():
+    HELD.set()
+    HOLD.wait(10)
+
+@patch.function("M:plain")
+def plain(a, b=10, *rest, c=5, **kw):
+    return ("v2", a, b, rest, c, kw)
+
+@patch.function("M:posonly")
+def posonly(a, /, b):
+    return ("v2", a, b)
+
+@patch.function("M:make_counter.<locals>.counter")
+def counter(step=1):
+    n[0] += step
+    return ("v2", n[0])
+
+@patch.function("M:Child.who")
+def who(self):
+    return ("v2", super().who())
+
+@patch.function("M:gen")
+def gen(n):
+    for i in range(n):
+        yield ("v2", i)
+
+@patch.function("M:coro")
+async def coro(x):
+    return ("v2", x)
+
+@patch.function("M:defaults_change")
+def defaults_change(a, b=2):
+    return ("v2", a, b)
+"""
+
+
+def _in_transition(m, patch, model="hybrid"):
+    """Apply with a thread parked in the old `hold`, so the transition stays in flight."""
+    holder = threading.Thread(target=m.hold, name="lptest-hold")
+    holder.start()
+    assert m.HELD.wait(5)
+    t = livepatch.apply(patch, model=model, wait=False)
+    assert not t.done
+    return t, holder
+
+
+def test_every_shape_dispatches_during_the_transition(tmp_module):
+    m = tmp_module(TARGET)
+    patch = patch_for(m, "shapes", PATCH)
+    counter = m.COUNTER
+    assert counter() == ("v1", 1)
+    t, holder = _in_transition(m, patch)
+    try:
+        assert m.plain.__code__.co_filename == "<livepatch dispatch>"
+        # this thread's stack is clean: it is in the new universe
+        assert m.plain(1) == ("v2", 1, 10, (), 5, {})
+        assert m.plain(1, 2, 3, 4, c=6, d=7) == ("v2", 1, 2, (3, 4), 6, {"d": 7})
+        assert m.posonly(1, b=2) == ("v2", 1, 2)
+        with pytest.raises(TypeError):
+            m.posonly(a=1, b=2)
+        assert counter() == ("v2", 2)  # same closure cell, new code
+        assert counter(5) == ("v2", 7)
+        assert m.Child().who() == ("v2", "base")
+        assert list(m.gen(2)) == [("v2", 0), ("v2", 1)]
+        assert asyncio.run(m.coro(3)) == ("v2", 3)
+        assert m.defaults_change(0) == ("v2", 0, 2)  # new defaults although they differ
+        assert m.plain.__name__ == "plain"
+    finally:
+        m.HOLD.set()
+        holder.join(5)
+    t.wait(10)
+    # finalized: the new code is installed directly, nothing of the trampoline is left
+    for fn in (m.plain, m.posonly, counter, m.Child.who, m.gen, m.coro, m.defaults_change):
+        assert fn.__code__.co_filename != "<livepatch dispatch>"
+        assert dispatch.STATE_NAME not in (fn.__kwdefaults__ or {})
+    assert m.plain.__defaults__ == (10,) and m.plain.__kwdefaults__ == {"c": 5}
+    assert m.defaults_change.__defaults__ == (2,)
+    assert counter() == ("v2", 8)
+
+
+def test_exact_trampolines_where_signatures_match(tmp_module):
+    m = tmp_module(TARGET)
+    patch = patch_for(m, "exact", PATCH)
+    t, holder = _in_transition(m, patch)
+    try:
+        universe = t._universe
+        exact = {e.func.__name__: e.exact for e in universe.entries}
+        assert exact["plain"] and exact["posonly"] and exact["who"]
+        assert not exact["defaults_change"]  # defaults differ: generic (*args, **kwargs)
+    finally:
+        m.HOLD.set()
+        holder.join(5)
+    t.wait(10)
+
+
+def test_old_universe_thread_gets_old_versions(tmp_module):
+    """two_universe: a thread that existed before stays old until its safe point."""
+    m = tmp_module(TARGET)
+    patch = patch_for(m, "old-thread", PATCH)
+    go, went = threading.Event(), threading.Event()
+    seen: list[object] = []
+
+    def behind() -> None:
+        went.set()
+        go.wait(10)
+        seen.append(m.plain(1))
+        seen.append(list(m.gen(1)))
+        livepatch.safepoint()
+        seen.append(m.plain(1))
+
+    thread = threading.Thread(target=behind, name="lptest-behind")
+    thread.start()
+    went.wait(5)
+    time.sleep(0.01)
+    t, holder = _in_transition(m, patch, model="two_universe")
+    try:
+        go.set()
+        thread.join(5)
+    finally:
+        m.HOLD.set()
+        holder.join(5)
+    t.wait(10)
+    assert seen == [("v1", 1, 10, (), 5, {}), [("v1", 0)], ("v2", 1, 10, (), 5, {})]
+
+
+def test_trampoline_matches_free_variables():
+    for freevars in [(), ("a",), ("__class__",), ("args", "kwargs", "x")]:
+        code = dispatch._template(freevars, None, 0)
+        assert code.co_freevars == freevars

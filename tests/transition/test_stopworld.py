@@ -1,0 +1,102 @@
+"""Stopping the world really parks every other thread, and the stop model measures it."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import livepatch
+from livepatch import stopworld
+
+from .conftest import patch_for
+
+
+class _Spinners:
+    """Threads running pure Python (a counter loop, no calls) and sleep/compute loops."""
+
+    def __init__(self, spinning: int = 4, sleeping: int = 4) -> None:
+        self.counts = [0] * (spinning + sleeping)
+        self.stop = False
+        self.threads = [
+            threading.Thread(target=self._spin, args=(i,), name=f"lptest-spin-{i}")
+            for i in range(spinning)
+        ] + [
+            threading.Thread(target=self._sleep, args=(spinning + i,), name=f"lptest-sleep-{i}")
+            for i in range(sleeping)
+        ]
+
+    def _spin(self, i: int) -> None:
+        counts = self.counts
+        while not self.stop:
+            counts[i] += 1
+
+    def _sleep(self, i: int) -> None:
+        while not self.stop:
+            time.sleep(0.0002)
+            self.counts[i] += 1
+
+    def __enter__(self) -> _Spinners:
+        for t in self.threads:
+            t.start()
+        time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop = True
+        for t in self.threads:
+            t.join(10)
+
+
+def test_no_other_thread_runs_python_while_parked():
+    with _Spinners() as s:
+        for _ in range(3):
+            with stopworld.parked() as pause:
+                before = list(s.counts)
+                time.sleep(0.03)  # the GIL is free: a thread that was not parked would run
+                after = list(s.counts)
+            assert before == after, "a thread ran Python code inside the pause"
+            assert pause.parked == pause.others >= 8
+            assert 0.03 <= pause.duration < 1.0
+        moved = list(s.counts)
+        deadline = time.monotonic() + 10
+        while not all(b > a for a, b in zip(moved, s.counts, strict=True)):
+            assert time.monotonic() < deadline, "threads did not resume"
+            time.sleep(0.01)
+
+
+def test_parking_survives_threads_blocked_in_c():
+    """Threads blocked in a C call cannot park; the pause still ends and they resume."""
+    gate = threading.Event()
+    waiter = threading.Thread(target=gate.wait, args=(10,), name="lptest-blocked")
+    waiter.start()
+    try:
+        with stopworld.parked(settle=0.05) as pause:
+            pass
+        assert pause.others >= 1 and pause.parked < pause.others
+        assert pause.settle < 0.05 + 0.05
+    finally:
+        gate.set()
+        waiter.join(5)
+
+
+TARGET = """
+def f():
+    return 1
+"""
+
+PATCH = """
+@patch.function("M:f")
+def f():
+    return 2
+"""
+
+
+def test_stop_model_reports_the_pause(tmp_module):
+    m = tmp_module(TARGET)
+    patch = patch_for(m, "stop-pause", PATCH)
+    with _Spinners():
+        t = livepatch.apply(patch, model="stop")
+    assert m.f() == 2 and m.f.__code__.co_filename != "<livepatch dispatch>"
+    assert t.state.value == "complete" and t.attempts == 1
+    assert 0 < t.paused < 0.5
+    assert t.to_dict()["paused"] == t.paused
