@@ -12,6 +12,7 @@ Only files whose text differs are parsed later, so reading a whole tree stays ch
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 from collections.abc import Iterable, Mapping
@@ -69,13 +70,23 @@ def module_name(relpath: PurePosixPath, packages: set[PurePosixPath] | None) -> 
     return ".".join(names)
 
 
+def decode(data: bytes, where: str) -> str:
+    """Source bytes to text as the import system decodes them: the PEP 263 coding
+    declaration or a BOM decides the encoding, and newlines are universal."""
+    try:
+        return importlib.util.decode_source(data)
+    except (SyntaxError, UnicodeDecodeError, LookupError) as exc:
+        raise BuildInputError(f"cannot decode {where}: {exc}") from None
+
+
 def _read(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise BuildInputError(f"{path} does not exist; check the path") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise BuildInputError(f"cannot read {path}: {exc}") from None
+    return decode(data, str(path))
 
 
 def _python_files(folder: Path) -> list[Path]:
@@ -244,10 +255,6 @@ def _read_rev(
                 rel = rel.relative_to(base)
             except ValueError:
                 continue  # outside --root: not part of the importable tree
-        try:
-            # universal newlines, as reading a file (and the import system) would give
-            text = body.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
-        except UnicodeDecodeError as exc:
-            raise BuildInputError(f"{rev}:{path} is not UTF-8: {exc}") from None
+        text = decode(body, f"{rev}:{path}")
         tree.add(SourceFile(module_name(rel, packages), path, text))
     return tree
