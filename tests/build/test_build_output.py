@@ -222,3 +222,29 @@ def test_whole_replacement_reports_closures_that_keep_old_code() -> None:
     (note,) = result.notes
     assert note.kind.name == "OLD_CLOSURES" and note.detail == "wrapper"
     assert "closures of its nested functions made before the patch keep" in result.text
+
+
+def test_encodings_and_tab_indentation(tmp_path: Path) -> None:
+    """Sources are decoded as the import system decodes them; tab-indented methods move to
+    column 0 without touching their strings."""
+    old = tmp_path / "old.py"
+    new = tmp_path / "new.py"
+    old.write_bytes(b"# -*- coding: latin-1 -*-\nclass Greeter:\n\tdef hi(self):\n"
+                    b'\t\treturn """caf\xe9\n\t\tbar"""\n')
+    new.write_bytes(b"\xef\xbb\xbfclass Greeter:\n\tdef hi(self):\n"
+                    b'\t\treturn """caf\xc3\xa9!\n\t\tbar"""\n')
+    result = build_result(old, new, module="lpb_tabs")
+    assert [c.what for c in result.changes] == ["lpb_tabs:Greeter.hi"]
+    (old_copy := tmp_path / "lpb_tabs.py").write_bytes(old.read_bytes())
+    sys.path.insert(0, str(tmp_path))
+    try:
+        module = importlib.import_module("lpb_tabs")
+        patch = livepatch.loads(result.text)
+        livepatch.apply(patch, model="immediate")
+        assert module.Greeter().hi() == "café!\n\t\tbar"
+        livepatch.revert(patch.name, model="immediate")
+        assert module.Greeter().hi() == "café\n\t\tbar"
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("lpb_tabs", None)
+        old_copy.unlink()
