@@ -58,6 +58,7 @@ _MODULE_ATTRS = frozenset({"__name__", "__file__", "__doc__", "__spec__", "__loa
                            "__package__", "__builtins__", "__path__", "__cached__"})
 _METADATA = frozenset({"__all__", "__version__", "__author__", "__license__", "__copyright__",
                        "__email__", "__status__", "__credits__", "__maintainer__", "__date__"})
+_DESCRIPTORS = frozenset({"staticmethod", "classmethod", "property"})
 _ENUM_BASES = frozenset({"Enum", "IntEnum", "StrEnum", "Flag", "IntFlag", "ReprEnum"})
 _FIELD_DECORATORS = frozenset({"dataclass", "dataclasses.dataclass", "attr.s", "attr.attrs",
                                "attrs.define", "attr.define", "attrs.frozen", "attr.frozen",
@@ -144,6 +145,7 @@ class Helper:
     def_time: set[str]
     live: list[str] = field(default_factory=list)
     edits: list[Edit] = field(default_factory=list)
+    wrap: str | None = None  # "staticmethod", "classmethod" or "property"
 
 
 @dataclass
@@ -222,6 +224,7 @@ class ModuleAnalysis:
         self.whole: dict[str, ChangeKind] = {}
         self.nested: dict[str, ChangeKind] = {}
         self.helpers: dict[str, FunctionUnit] = {}
+        self.wraps: dict[str, str] = {}  # new methods' descriptor: staticmethod, ...
         self.renames: dict[str, str] = {}
         self.new_classes: dict[str, ClassUnit] = {}
         self.usages: dict[str, Usage] = {}
@@ -309,22 +312,29 @@ class ModuleAnalysis:
             self.refuse(unit.line, unit.target, Reason.NOT_UNDERSTOOD,
                         "new function defined more than once", Hint.UPGRADE)
             return
-        if unit.node.decorator_list:
-            names = ", ".join(decorator_name(d) or "?" for d in unit.node.decorator_list)
+        names = [decorator_name(d) or "?" for d in unit.node.decorator_list]
+        wrap = names[0] if len(names) == 1 and names[0] in _DESCRIPTORS else None
+        if names and (wrap is None or not unit.classes):
             self.refuse(
                 unit.line, unit.target, Reason.DECORATOR,
-                f"new function is decorated ({names}); a patch adds plain functions only",
+                f"new function is decorated ({', '.join(names)}); a patch adds plain "
+                "functions, and staticmethod/classmethod/property methods, only",
                 Hint.UPGRADE,
             )
             return
-        if unit.code is not None and unit.code.co_freevars:
+        # the engine gives a new *method* a __class__ cell bound to the live class, so
+        # zero-argument super() works there; nothing else can be closed over
+        allowed = {"__class__"} if unit.classes else set()
+        if unit.code is not None and set(unit.code.co_freevars) - allowed:
             self.refuse(
                 unit.line, unit.target, Reason.FREE_VARIABLES,
-                "new method uses super() or __class__, which needs a __class__ cell that a "
-                "method added by a patch does not have", Hint.SUPER,
+                "the new function closes over "
+                f"{', '.join(sorted(set(unit.code.co_freevars) - allowed))}", Hint.UPGRADE,
             )
             return
         self.helpers[unit.target] = unit
+        if wrap is not None:
+            self.wraps[unit.target] = wrap
 
     def compare_unit(self, old: FunctionUnit, new: FunctionUnit) -> None:
         if _text(self.old, old) == _text(self.new, new) and old.classes == new.classes:
@@ -395,6 +405,10 @@ class ModuleAnalysis:
 
     def nested_targets(self, old: FunctionUnit, new: FunctionUnit) -> list[str] | None:
         """Targets for a change confined to nested defs, or None to replace `new` whole."""
+        if old.target != old.qualname:
+            # property accessors (``x.fset``) and private methods (``_Cart__m``): the
+            # engine finds nested functions through the qualname, which names neither
+            return None
         old_children = [u for u in self.old.functions.values() if u.parent == old.target]
         new_children = [u for u in self.new.functions.values() if u.parent == new.target]
         if not new_children:
@@ -845,7 +859,8 @@ class ModuleAnalysis:
                 use = self._usage(unit)
                 self.plan.helpers.append(Helper(f"{module}:{target}", unit, set(use.def_time),
                                                 self._live_names(unit, use.def_time),
-                                                rename_edits(unit.node, self.renames)))
+                                                rename_edits(unit.node, self.renames),
+                                                self.wraps.get(target)))
                 self.change(unit.line, target, ChangeKind.HELPER, "new function")
         for constant in self.plan.constants:
             constant.edits = expression_edits(constant.unit.value, self.renames)

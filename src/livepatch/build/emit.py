@@ -16,7 +16,7 @@ from __future__ import annotations
 import ast
 
 from livepatch.build.analysis import DataRebind, Item, ModulePlan, Replacement
-from livepatch.build.model import ImportBinding
+from livepatch.build.model import ImportBinding, mangle
 from livepatch.build.segments import def_text, expr_text
 
 _DATA_NEW = "_lp_new_data"
@@ -133,7 +133,7 @@ def module_section(
         for item in sorted(plan.values, key=lambda v: v.unit.line):
             value = expr_text(new, item.unit.value, item.edits)
             if item.unit.owner:
-                target = f"{module}:{item.unit.owner}.{item.unit.name}"
+                target = f"{module}:{item.unit.owner}.{mangle(item.unit.owner, item.unit.name)}"
                 out.append(f'{patch_var}.new("{target}", {value})')
                 continue
             out.append(f"{item.unit.name} = {value}")
@@ -146,6 +146,14 @@ def module_section(
         out.append(f'{patch_var}.new("{module}:{cls.qualname}", {cls.qualname})')
     for helper in plan.helpers:
         users = plan.shared.get(helper.unit.target)
+        if users is None and helper.wrap is not None:
+            # the descriptor is applied here; the engine rebuilds the function inside it
+            out += ["", "", *_live_import(plan, helper.live)]
+            out += def_text(new, helper.unit.node, helper.edits).rstrip("\n").split("\n")
+            out.append("")
+            name = helper.unit.node.name
+            out.append(f'{patch_var}.new("{helper.target}", {helper.wrap}({name}))')
+            continue
         if users is None:
             out += ["", "", *_live_import(plan, helper.live)]
             out.append(f'@{patch_var}.new("{helper.target}")')
@@ -318,6 +326,7 @@ def data_callbacks(plans: list[ModulePlan], patch_var: str) -> list[str]:
         holder = _holder(module, rebind)
         key = _key(module, rebind)
         name = rebind.unit.name
+        name = mangle(rebind.owner, name) if rebind.owner else name
         out.append(f'    {_DATA_OLD}["{key}"] = getattr({holder}, "{name}")')
         out.append(f'    setattr({holder}, "{name}", {_DATA_NEW}["{key}"])')
     out += [
@@ -330,8 +339,9 @@ def data_callbacks(plans: list[ModulePlan], patch_var: str) -> list[str]:
     for module, rebind in rebinds:
         holder = _holder(module, rebind)
         key = _key(module, rebind)
+        name = mangle(rebind.owner, rebind.unit.name) if rebind.owner else rebind.unit.name
         out.append(f'    if "{key}" in {_DATA_OLD}:')
-        out.append(f'        setattr({holder}, "{rebind.unit.name}", {_DATA_OLD}.pop("{key}"))')
+        out.append(f'        setattr({holder}, "{name}", {_DATA_OLD}.pop("{key}"))')
     return out
 
 

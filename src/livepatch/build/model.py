@@ -350,7 +350,8 @@ class _Cutter:
                 if _is_overload(stmt):
                     continue
                 role = _accessor_role(stmt)
-                target = f"{qualname}.{stmt.name}" + (f".{role}" if role else "")
+                member = mangle(qualname, stmt.name)
+                target = f"{qualname}.{member}" + (f".{role}" if role else "")
                 seen[target] = seen.get(target, 0) + 1
                 self.function(stmt, f"{qualname}.{stmt.name}", target, inner, None)
             elif isinstance(stmt, ast.ClassDef):
@@ -386,6 +387,14 @@ class _Cutter:
         for child in _direct_defs(node):
             child_qual = f"{qualname}.{LOCALS}.{child.name}"
             self.function(child, child_qual, child_qual, classes, target)
+
+
+def mangle(class_qualname: str, name: str) -> str:
+    """The key a class body stores `name` under: ``__x`` in ``class Cart`` is ``_Cart__x``."""
+    if not name.startswith("__") or name.endswith("__"):
+        return name
+    owner = class_qualname.rpartition(".")[2].lstrip("_")
+    return f"_{owner}{name}" if owner else name
 
 
 def _is_bare_constant(stmt: ast.stmt) -> bool:
