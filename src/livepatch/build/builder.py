@@ -6,9 +6,9 @@ if any change cannot be made live, and otherwise emit the patch file (`emit`).
 
 Before returning, the builder checks its own output the way the engine will: each
 ``expect=`` must compile, in the target's context, to exactly the old code (otherwise a
-fingerprint is used instead), and each replacement must compile to exactly the new code
-the compiler made from the new file. A builder bug therefore shows up as a refusal here,
-not as a wrong patch in a production process.
+fingerprint is used instead), each replacement must parse back to exactly the new
+version's ``def`` (renames applied), and the whole file must compile. A builder bug
+therefore shows up as a refusal here, not as a wrong patch in a production process.
 """
 
 from __future__ import annotations

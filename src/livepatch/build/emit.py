@@ -5,7 +5,10 @@ shape: a header listing every change carried (and why it is safe) and everything
 alone; then, module by module, the names the file takes from the live module, the imports
 and values the new code needs (``patch.new``), changed constants under their new names,
 new helpers, and one ``@patch.function`` per replaced function, with the old source as
-``expect=`` so the engine refuses a process that runs anything else.
+``expect=`` so the engine refuses a process that runs anything else. Names the new code
+imports with ``from ... import`` (and helpers shared between modules) are bound by a
+``pre_patch`` callback and unbound by ``post_unpatch``; data changes accepted with
+``--allow-data`` are rebound by a ``post_patch`` callback marked REVIEW.
 
 Everything is ordered by module name and source position, so the same input gives
 byte-identical output.
