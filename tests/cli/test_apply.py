@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 
 import pytest
 from lp_harness import GREET_FIX, LIVEPATCH, cli, cli_json, wait_for, write_patch
@@ -18,12 +17,13 @@ def slow(seconds):
     return "slow-new"
 """
 
-SLEEPY_FIX = """import time, livepatch
+SLEEPY_FIX = """import pathlib, time, livepatch
 patch = livepatch.Patch("fix-sleepy", description="takes its time")
 
 @patch.pre_patch
 def settle():
-    time.sleep(3)
+    pathlib.Path("MARKER").write_text("inside pre_patch")
+    time.sleep(30)
 
 @patch.function("greeter:greet")
 def greet(name):
@@ -68,7 +68,7 @@ def test_dry_run_verifies_and_reports_running_threads_without_change(lp, target)
 
 def test_cli_killed_mid_transition_leaves_the_target_to_finish(lp, target) -> None:
     """The transition belongs to the target: killing the CLI does not stop or break it."""
-    assert target.ask("slow 4") == "started"
+    assert target.ask("slow 60") == "started"
     patch = write_patch(lp.tmp, "slowfix", SLOW_FIX)
     apply = subprocess.Popen(
         [str(LIVEPATCH), "apply", str(patch), "--pid", str(target.pid), "--timeout", "30"],
@@ -83,9 +83,10 @@ def test_cli_killed_mid_transition_leaves_the_target_to_finish(lp, target) -> No
         def in_flight() -> bool:
             code, status = cli_json(lp, "status", "--pid", str(target.pid))
             seen["status"] = status
-            return status["transition"] is not None or bool(status["patches"])
+            blocked = (status["transition"] or {}).get("blockers")
+            return bool(blocked) or bool(status["patches"])
 
-        wait_for(in_flight, timeout=10, what="the transition to start")
+        wait_for(in_flight, timeout=20, what="the transition to start")
         if seen["status"]["transition"] is None:
             pytest.skip(
                 "the engine finished the transition at once (no waiting model yet), so "
@@ -96,6 +97,8 @@ def test_cli_killed_mid_transition_leaves_the_target_to_finish(lp, target) -> No
         blocked = seen["status"]["transition"]
         assert blocked["state"] == "running" and blocked["patch"] == "fix-slow"
         assert any("greeter" in " ".join(b["frames"]) for b in blocked["blockers"])
+
+        assert target.ask("release") == "released"  # the blocked task leaves the function
 
         def settled() -> bool:
             code, status = cli_json(lp, "status", "--pid", str(target.pid))
@@ -112,7 +115,8 @@ def test_cli_killed_mid_transition_leaves_the_target_to_finish(lp, target) -> No
 
 
 def test_target_exiting_mid_apply_is_reported(lp, target) -> None:
-    patch = write_patch(lp.tmp, "sleepy", SLEEPY_FIX)
+    marker = lp.tmp / "in-pre-patch"
+    patch = write_patch(lp.tmp, "sleepy", SLEEPY_FIX.replace("MARKER", str(marker)))
     apply = subprocess.Popen(
         [str(LIVEPATCH), "apply", str(patch), "--pid", str(target.pid)],
         env=lp.env,
@@ -120,7 +124,7 @@ def test_target_exiting_mid_apply_is_reported(lp, target) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.0)  # the target is inside the patch's pre_patch callback now
+    wait_for(marker.exists, timeout=30, what="the target to enter the pre_patch callback")
     target.proc.send_signal(signal.SIGKILL)
     out, err = apply.communicate(timeout=20)
     assert apply.returncode == 4, (out, err)
