@@ -10,7 +10,7 @@ import sys
 def test_demo_fixes_the_service_under_load_without_failed_requests(lp) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "livepatch.demo", "--json"],
-        env={**lp.env, "LIVEPATCH_DEMO_PHASE_SECONDS": "0.6"},
+        env={**lp.env, "LIVEPATCH_DEMO_PHASE_SECONDS": "1.0"},
         capture_output=True,
         text=True,
         timeout=90,
