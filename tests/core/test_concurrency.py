@@ -127,3 +127,46 @@ def test_concurrent_applies_and_reverts_keep_stacks_consistent(env: Env,
     assert livepatch.patches() == []
     assert (m.f(0), m.g(0)) == (1, 10)
     assert m.f.__kwdefaults__ == {"b": 1} and m.g.__defaults__ == (10,)
+
+
+NESTED = """
+def outer(k):
+    def inner(x):
+        return x * k
+
+    return inner
+
+
+def plain(x):
+    return x
+
+
+made = outer(2)
+"""
+
+
+@pytest.mark.xfail(reason="FINDINGS #19", strict=True)
+def test_stop_the_world_pause_does_not_scan_the_heap(env: Env) -> None:
+    """finalize may run with every thread parked (the stop model): it must be fast, so it
+    cannot walk every object of a big process to find closure instances."""
+    m = env.source_module(NESTED, "pause")
+    text = """
+        import livepatch
+        patch = livepatch.Patch("NAME")
+
+        @patch.function("TARGET_MODULE:TARGET")
+        def DEF(x):
+            return x + 1
+    """
+    heap = [[i] for i in range(1_500_000)]  # a modest heap of gc-tracked objects
+    pauses = {}
+    for target, name in (("plain", "plain"), ("outer.<locals>.inner", "inner")):
+        patch = livepatch.load(env.patch_text(
+            text.replace("NAME", f"pause-{name}").replace("TARGET", target)
+            .replace("DEF", name), m))
+        t = livepatch.apply(patch, model="stop", timeout=10)
+        pauses[name] = t.paused
+        livepatch.revert(patch.name, model="immediate")
+    del heap
+    assert m.made(3) == 6
+    assert pauses["inner"] < pauses["plain"] + 0.03, pauses
