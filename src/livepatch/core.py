@@ -508,8 +508,10 @@ def _prepare_new(patch: Patch, spec: NewSpec, superseded: set[str]) -> _Added:
             "choose a new name"
         )
     value = spec.value
+    if not spec.rebuild:
+        pass
     # descriptors wrap the function that must run with the target's globals
-    if isinstance(value, (staticmethod, classmethod)):
+    elif isinstance(value, (staticmethod, classmethod)):
         value = type(value)(_rebuild_helper(patch, spec, value.__func__, holder, name))
     elif isinstance(value, property):
         value = value.getter(_rebuild_helper(patch, spec, value.fget, holder, name))

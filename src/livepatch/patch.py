@@ -79,8 +79,14 @@ class NewSpec:
     target: str
     value: Any
     source: Source | None = None
+    #: a helper written in the patch (``@patch.new`` over a def) runs with the target's
+    #: globals; a value (``patch.new(target, value)``, even a function imported from a
+    #: library) is installed as it is
+    rebuild: bool = False
 
     def __post_init__(self) -> None:
+        if not self.rebuild:
+            return
         fn = self.value
         if isinstance(fn, (staticmethod, classmethod)):
             fn = fn.__func__
@@ -134,23 +140,24 @@ class Patch:
     def new(self, target: str, value: Any = _NO_VALUE) -> Any:
         """Add `target` (``module:name`` or ``module:Class.name``) when the patch applies.
 
-        As a decorator it adds the decorated function (rebuilt on the target module's
-        globals); with `value` it adds that value. Reverting removes the name again.
+        As a decorator it adds the decorated function, rebuilt to run with the target
+        module's globals as if written there; with `value` it adds that value as it is
+        (an imported function keeps its own module). Reverting removes the name again.
         """
         if value is not _NO_VALUE:
-            self._add_new(target, value)
+            self._add_new(target, value, rebuild=False)
             return value
 
         def register(fn: F) -> F:
-            self._add_new(target, fn)
+            self._add_new(target, fn, rebuild=True)
             return fn
 
         return register
 
-    def _add_new(self, target: str, value: Any) -> None:
+    def _add_new(self, target: str, value: Any, rebuild: bool) -> None:
         if any(spec.target == target for spec in self.news):
             raise PatchFileError(f"{self.name}: {target} is added twice in one patch")
-        self.news.append(NewSpec(target, value))
+        self.news.append(NewSpec(target, value, rebuild=rebuild))
 
     def state(self, id: str, version: int = 1) -> None:
         """Declare a system state this patch introduces or carries on (kernel klp_state)."""
