@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import linecache
 import os
+import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,9 +80,9 @@ class NewSpec:
     target: str
     value: Any
     source: Source | None = None
-    #: a helper written in the patch (``@patch.new`` over a def) runs with the target's
-    #: globals; a value (``patch.new(target, value)``, even a function imported from a
-    #: library) is installed as it is
+    #: a function written in the patch (also inside staticmethod/classmethod/property)
+    #: is rebuilt to run with the target's globals; anything else — a function imported
+    #: from a library included — is installed as it is
     rebuild: bool = False
 
     def __post_init__(self) -> None:
@@ -117,6 +118,9 @@ class Patch:
         self.news: list[NewSpec] = []
         self.states: dict[str, int] = {}
         self.callbacks = Callbacks()
+        #: the globals of the code that created the patch (a patch file's namespace):
+        #: functions defined there are rewritten to run in their target, others are not
+        self._home: dict[str, Any] = sys._getframe(1).f_globals
         #: set by load()/loads(): where the patch came from and the sha256 of its text
         self.source_path: str | None = None
         self.sha256: str | None = None
@@ -141,11 +145,13 @@ class Patch:
         """Add `target` (``module:name`` or ``module:Class.name``) when the patch applies.
 
         As a decorator it adds the decorated function, rebuilt to run with the target
-        module's globals as if written there; with `value` it adds that value as it is
-        (an imported function keeps its own module). Reverting removes the name again.
+        module's globals as if written there; with `value` it adds that value — rebuilt
+        the same way if it is a function (or staticmethod/classmethod/property of one)
+        written in the patch, as it is otherwise (an imported function keeps its own
+        module). Reverting removes the name again.
         """
         if value is not _NO_VALUE:
-            self._add_new(target, value, rebuild=False)
+            self._add_new(target, value, rebuild=_written_in(value, self._home))
             return value
 
         def register(fn: F) -> F:
@@ -192,6 +198,14 @@ class Patch:
     def __repr__(self) -> str:
         kind = " cumulative" if self.cumulative else ""
         return f"<Patch {self.name}{kind}: {len(self.functions)} function(s)>"
+
+
+def _written_in(value: Any, home: dict[str, Any]) -> bool:
+    if isinstance(value, (staticmethod, classmethod)):
+        value = value.__func__
+    elif isinstance(value, property):
+        value = value.fget
+    return isinstance(value, types.FunctionType) and value.__globals__ is home
 
 
 def load(path: str | os.PathLike[str]) -> Patch:
