@@ -10,8 +10,10 @@ directly and the trampoline is gone: no steady-state cost.
 The trampoline must have the same free variables as the function it sits in (CPython
 refuses a ``__code__`` whose free-variable count differs from the closure), so it is
 compiled per set of free-variable names: a dead ``if 0: (a, b)`` reference makes them free
-without using them. Its state comes through the one keyword-only default
-``__livepatch__`` (a tuple), so the fast path is one frame and no global lookup.
+without using them. Where both versions have the same parameters and default values it
+declares exactly those parameters and forwards them as they are (no ``*args, **kwargs``
+packing). Its state is one tuple under a unique name in the builtins dict the function
+sees, so the fast path is one frame and a specialised global load.
 
 **The rule** (what makes "no stack runs old and new at once" hold): a call dispatches to
 the version of the *nearest enclosing frame on the current stack that runs any version of
@@ -40,6 +42,7 @@ dict/set membership test is atomic under the GIL).
 from __future__ import annotations
 
 import functools
+import itertools
 import sys
 import threading
 import types
@@ -64,7 +67,9 @@ warnings.filterwarnings(
 
 OLD, NEW = 0, 1
 _KIND_FLAGS = 0x20 | 0x80 | 0x200  # generator, coroutine, async generator
-STATE_NAME = "__livepatch__"
+#: the trampoline's one global: in the template, renamed per function (see _Entry)
+STATE_NAME = "__livepatch_state__"
+_ids = itertools.count()
 
 _templates: dict[tuple[Any, ...], CodeType] = {}
 _templates_lock = threading.Lock()
@@ -107,9 +112,9 @@ class Signature:
             params.append(f"{name}=None" if i >= first_default else name)
             if self.posonly and i == len(self.posonly) - 1:
                 params.append("/")
-        params.append(f"*{self.varargs}" if self.varargs else "*")
+        if self.varargs or self.kwonly:
+            params.append(f"*{self.varargs}" if self.varargs else "*")
         params.extend(f"{name}=None" for name in self.kwonly)
-        params.append(STATE_NAME)
         if self.varkw:
             params.append(f"**{self.varkw}")
         args = list(positional) + ([f"*{self.varargs}"] if self.varargs else [])
@@ -138,7 +143,7 @@ def _template(freevars: tuple[str, ...], sig: Signature | None, ndefaults: int) 
             return code
         if sig is None:
             params, call, pack_a, pack_k = (
-                f"*__lp_a, {STATE_NAME}, **__lp_k", *_GENERIC[1:]
+                "*__lp_a, **__lp_k", *_GENERIC[1:]
             )
         else:
             params, call, pack_a, pack_k = sig.source(ndefaults)
@@ -178,9 +183,10 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def trampoline_for(
-    func: FunctionType, old: Version, new: Version, defaults: Any, kwdefaults: Any
+    func: FunctionType, old: Version, new: Version, defaults: Any, kwdefaults: Any, name: str
 ) -> tuple[CodeType, bool]:
-    """A trampoline for `func`, and whether it forwards the exact signature.
+    """A trampoline for `func` reading its state from the global `name`, and whether it
+    forwards the exact signature.
 
     Exact forwarding passes the trampoline's own defaults on to the version it calls, so it
     is used only when both versions have the same parameters and the very same defaults.
@@ -196,12 +202,16 @@ def trampoline_for(
         sig != Signature.of(new.code)
         or not _same(eff[0][0], eff[1][0])
         or not _same(eff[0][1], eff[1][1])
-        or STATE_NAME in old.code.co_varnames
+        or any(n.startswith("__lp_") for n in old.code.co_varnames)
     ):
         sig = None
     ndefaults = len(eff[0][0] or ()) if sig is not None else 0
     base = _template(code.co_freevars, sig, ndefaults)
-    return base.replace(co_name=code.co_name, co_qualname=code.co_qualname), sig is not None
+    names = tuple(name if n == STATE_NAME else n for n in base.co_names)
+    return (
+        base.replace(co_name=code.co_name, co_qualname=code.co_qualname, co_names=names),
+        sig is not None,
+    )
 
 
 @dataclass(eq=False)
@@ -228,13 +238,21 @@ class _Entry:
     #: the trampoline declares the target's own parameters (see trampoline_for)
     exact: bool
 
-    def trampoline_defaults(self, state: tuple[Any, ...]) -> tuple[Any, dict[str, Any]]:
+    #: the builtins name the trampoline reads its state from (unique per function)
+    global_name: str
+
+    def trampoline_defaults(self) -> tuple[Any, Any]:
         if not self.exact:
-            return None, {STATE_NAME: state}
+            return None, None
         version = self.versions[0]
         d = self.saved_defaults if version.defaults is KEEP else version.defaults
         kw = self.saved_kwdefaults if version.kwdefaults is KEEP else version.kwdefaults
-        return d, {**(kw or {}), STATE_NAME: state}
+        return d, dict(kw) if kw else None
+
+
+def _builtins_of(func: FunctionType) -> dict[str, Any]:
+    found: dict[str, Any] = getattr(func, "__builtins__")  # typeshed lacks the attribute
+    return found
 
 
 def _clone(func: FunctionType, version: Version, defaults: Any, kwdefaults: Any) -> FunctionType:
@@ -305,7 +323,8 @@ class Universe:
     def _install_one(self, func: FunctionType, old: Version, new: Version) -> None:
         defaults, kwdefaults = func.__defaults__, func.__kwdefaults__
         clones = (_clone(func, old, defaults, kwdefaults), _clone(func, new, defaults, kwdefaults))
-        trampoline, exact = trampoline_for(func, old, new, defaults, kwdefaults)
+        name = f"__livepatch_{next(_ids)}__"
+        trampoline, exact = trampoline_for(func, old, new, defaults, kwdefaults, name)
         entry = _Entry(
             func,
             (old, new),
@@ -315,8 +334,12 @@ class Universe:
             kwdefaults,
             trampoline,
             exact,
+            name,
         )
-        d, kw = entry.trampoline_defaults(self._state(entry))
+        d, kw = entry.trampoline_defaults()
+        # The state lives in the builtins the function sees (``func.__builtins__``): a
+        # specialised LOAD_GLOBAL finds it in a few ns, and no module namespace changes.
+        _builtins_of(func)[name] = self._state(entry)
         # Three stores with no call or backward jump between them: no other thread can
         # run in between (the GIL is only handed over at those points).
         func.__code__ = entry.trampoline
@@ -340,6 +363,7 @@ class Universe:
                 func.__code__ = version.code
                 func.__defaults__ = d
                 func.__kwdefaults__ = dict(kw) if kw else None
+                _builtins_of(func).pop(entry.global_name, None)
             self.entries = []
             self.installed = False
 
@@ -590,7 +614,7 @@ class Universe:
                 if rec is not None and rec.side != self.goal and self._clean(caller_frame):
                     rec.side = self.goal
                 for entry in self.entries:
-                    entry.func.__kwdefaults__ = entry.trampoline_defaults(self._state(entry))[1]
+                    _builtins_of(entry.func)[entry.global_name] = self._state(entry)
                 self.total = len(self.records)
                 self._recompute_behind()
                 if self._gen_codes(1 - self.goal):

@@ -1,0 +1,254 @@
+"""Benchmark: how long transitions take under load, and the longest pause a thread sees.
+
+1. Transition time, per model, with 64 threads doing request-like work (a patched call,
+   then 1 ms of sleep standing for I/O) plus 1,000 asyncio tasks doing the same on one
+   loop. Median and 90th percentile over apply+revert cycles (target: hybrid under 50 ms
+   median on a 2-core machine). Then again with 8 CPU-bound threads (pure-Python loops
+   calling the patched function), where the GIL hands the patching thread few slices.
+2. The longest pause any thread sees while a 100-function patch is applied and reverted:
+   a ticker thread sleeps 0.1 ms at a time and records its longest gap beyond that; the
+   baseline is the same ticker with no patching (the machine's own noise). Target: under
+   1 ms for hybrid; ``stop`` parks the world and reports how long.
+
+    .venv/bin/python benchmarks/bench_transition.py [--cycles N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import livepatch
+
+MODELS = ("hybrid", "two_universe", "stop", "immediate")
+
+SOURCE = '''
+def handle(x):
+    return x + 1
+
+async def handle_async(x):
+    return x + 1
+'''
+
+PATCH = '''
+import livepatch
+patch = livepatch.Patch(NAME)
+
+@patch.function("M:handle")
+def handle(x):
+    return x + 2
+
+@patch.function("M:handle_async")
+async def handle_async(x):
+    return x + 2
+'''
+
+_counter = [0]
+
+
+def module_from(source: str) -> Any:
+    _counter[0] += 1
+    name = f"lpbench_tr_{_counter[0]}"
+    path = Path(tempfile.mkdtemp(prefix="lpbench-")) / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def patch_for(module: Any, text: str, name: str) -> livepatch.Patch:
+    text = text.replace("M:", f"{module.__name__}:").replace("NAME", repr(name))
+    return livepatch.loads(text, filename=f"<bench {name}>")
+
+
+class Load:
+    """Request-like threads and asyncio tasks, or CPU-bound threads."""
+
+    def __init__(self, module: Any, threads: int, tasks: int, cpu_bound: bool) -> None:
+        self.module, self.stop = module, threading.Event()
+        target = self._cpu if cpu_bound else self._requests
+        self.threads = [threading.Thread(target=target, daemon=True) for _ in range(threads)]
+        if tasks:
+            self.threads.append(threading.Thread(target=self._loop, args=(tasks,), daemon=True))
+
+    def _requests(self) -> None:
+        handle, stop = self.module.handle, self.stop
+        while not stop.is_set():
+            handle(1)
+            time.sleep(0.001)
+
+    def _cpu(self) -> None:
+        handle, stop = self.module.handle, self.stop
+        while not stop.is_set():
+            s = 0
+            for i in range(2000):
+                s += handle(i)
+            livepatch.safepoint()
+
+    def _loop(self, tasks: int) -> None:
+        m = self.module
+
+        async def one() -> None:
+            while not self.stop.is_set():
+                m.handle(1)
+                await m.handle_async(1)
+                await asyncio.sleep(0.001)
+
+        async def main() -> None:
+            await asyncio.gather(*(one() for _ in range(tasks)))
+
+        asyncio.run(main())
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(10)
+
+
+def transition_times(model: str, cycles: int, threads: int, tasks: int, cpu: bool) -> str:
+    module = module_from(SOURCE)
+    patch = patch_for(module, PATCH, f"bench-{model}")
+    times, paused, failures = [], [], 0
+    with Load(module, threads, tasks, cpu):
+        for _ in range(cycles):
+            for action in ("apply", "revert"):
+                try:
+                    if action == "apply":
+                        t = livepatch.apply(patch, model=model, timeout=10)
+                    else:
+                        t = livepatch.revert(patch.name, model=model, timeout=10)
+                except livepatch.TransitionTimeout:
+                    failures += 1
+                    continue
+                times.append(t.elapsed)
+                paused.append(t.paused)
+    if not times:
+        return f"{model:<13} all {failures} transitions timed out"
+    times.sort()
+    p90 = times[int(0.9 * (len(times) - 1))]
+    line = (f"{model:<13} median {statistics.median(times) * 1e3:8.2f} ms   "
+            f"p90 {p90 * 1e3:8.2f} ms   max {times[-1] * 1e3:8.2f} ms")
+    if model == "stop":
+        line += f"   world paused max {max(paused) * 1e3:.2f} ms"
+    if failures:
+        line += f"   ({failures} timed out)"
+    return line
+
+
+WIDE = "\n".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(100))
+
+
+def wide_patch(module: Any, name: str) -> livepatch.Patch:
+    body = "".join(
+        f'\n@patch.function("M:f{i}")\ndef f{i}(x):\n    return x - {i}\n' for i in range(100)
+    )
+    return patch_for(module, "import livepatch\npatch = livepatch.Patch(NAME)\n" + body, name)
+
+
+class Ticker:
+    """A thread that sleeps 0.1 ms at a time and records its longest extra gap."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.max_gap = 0.0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        last = time.perf_counter()
+        while not self.stop.is_set():
+            time.sleep(0.0001)
+            now = time.perf_counter()
+            self.max_gap = max(self.max_gap, now - last - 0.0001)
+            last = now
+
+    def __enter__(self) -> Ticker:
+        self.thread.start()
+        time.sleep(0.05)
+        self.max_gap = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+
+def pauses(model: str, cycles: int) -> str:
+    module = module_from(WIDE)
+    patch = wide_patch(module, f"wide-{model}")
+    callers_stop = threading.Event()
+
+    def caller() -> None:  # threads calling patched functions, sleeping in between
+        fs = [getattr(module, f"f{i}") for i in range(100)]
+        while not callers_stop.is_set():
+            for f in fs:
+                f(1)
+            time.sleep(0.001)
+
+    callers = [threading.Thread(target=caller, daemon=True) for _ in range(4)]
+    for c in callers:
+        c.start()
+    gaps, paused = [], []
+    try:
+        for _ in range(cycles):
+            with Ticker() as ticker:
+                t = livepatch.apply(patch, model=model, timeout=10)
+                paused.append(t.paused)
+                t = livepatch.revert(patch.name, model=model, timeout=10)
+                paused.append(t.paused)
+            gaps.append(ticker.max_gap)
+    finally:
+        callers_stop.set()
+        for c in callers:
+            c.join(5)
+    line = (f"{model:<13} ticker's longest gap: median {statistics.median(gaps) * 1e3:6.2f} ms, "
+            f"max {max(gaps) * 1e3:6.2f} ms")
+    if model == "stop":
+        line += f"; world paused max {max(paused) * 1e3:.2f} ms"
+    return line
+
+
+def baseline(seconds: float) -> str:
+    with Ticker() as ticker:
+        time.sleep(seconds)
+    return f"{'(no patching)':<13} ticker's longest gap over {seconds:.1f} s: " \
+           f"{ticker.max_gap * 1e3:6.2f} ms"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cycles", type=int, default=10)
+    parser.add_argument("--models", default=",".join(MODELS))
+    args = parser.parse_args()
+    models = args.models.split(",")
+    print(f"Python {sys.version.split()[0]}; {args.cycles} apply+revert cycles per model")
+    print("\n1a. transition time: 64 request-like threads + 1,000 asyncio tasks")
+    for model in models:
+        print(transition_times(model, args.cycles, 64, 1000, cpu=False), flush=True)
+    print("\n1b. transition time: 8 CPU-bound threads")
+    for model in models:
+        print(transition_times(model, args.cycles, 8, 0, cpu=True), flush=True)
+    print("\n2. longest pause seen by a ticker thread, 100-function patch")
+    print(baseline(1.0), flush=True)
+    for model in models:
+        print(pauses(model, args.cycles), flush=True)
+
+
+if __name__ == "__main__":
+    main()
