@@ -74,7 +74,6 @@ def load(env: Env, m: types.ModuleType, text: str) -> livepatch.Patch:
     return livepatch.load(env.patch_text(text, m))
 
 
-@pytest.mark.xfail(reason="FINDINGS #10", strict=True)
 def test_nested_patch_after_outer_patch(env: Env, m: types.ModuleType) -> None:
     before_any = m.existing
     livepatch.apply(load(env, m, PATCH_OUTER), model=IMM)
@@ -94,7 +93,6 @@ def test_nested_patch_after_outer_patch(env: Env, m: types.ModuleType) -> None:
     assert (before_any(1), during_outer(1), m.outer(5)(1)) == (2, 3, 5)
 
 
-@pytest.mark.xfail(reason="FINDINGS #10", strict=True)
 def test_outer_patch_after_nested_patch(env: Env, m: types.ModuleType) -> None:
     before_any = m.existing
     livepatch.apply(load(env, m, PATCH_INNER), model=IMM)
@@ -112,7 +110,6 @@ def test_outer_patch_after_nested_patch(env: Env, m: types.ModuleType) -> None:
     assert m.outer(-1)(1) == -1
 
 
-@pytest.mark.xfail(reason="FINDINGS #11", strict=True)
 def test_nested_replacement_changing_defaults(env: Env, m: types.ModuleType) -> None:
     """inner's defaults are evaluated by outer's code: a replacement of inner alone cannot
     change them. Either refuse, or make the new default take effect — never ignore it."""
@@ -135,7 +132,6 @@ def test_nested_replacement_changing_defaults(env: Env, m: types.ModuleType) -> 
     assert m.outer(3)(1) == 30
 
 
-@pytest.mark.xfail(reason="FINDINGS #12", strict=True)
 def test_ambiguous_nested_name(env: Env, m: types.ModuleType) -> None:
     """Two defs share the qualname branchy.<locals>.inner: patching just one of them
     (whichever comes first) would be silently partial."""
@@ -158,7 +154,6 @@ def test_ambiguous_nested_name(env: Env, m: types.ModuleType) -> None:
     pytest.fail(f"applied to one of two defs: now {yes()!r} / {no()!r}")
 
 
-@pytest.mark.xfail(reason="FINDINGS #12", strict=True)
 def test_nested_lambda_is_refused(env: Env, m: types.ModuleType) -> None:
     add = m.maker()
     text = """
@@ -225,7 +220,6 @@ def test_new_method_helper_with_zero_argument_super(env: Env) -> None:
     assert m.Account().base_hello() == "via base"
 
 
-@pytest.mark.xfail(reason="FINDINGS #13", strict=True)
 def test_new_helper_in_future_annotations_module(env: Env) -> None:
     m = env.source_module(CLASSY, "classy")
     text = """
@@ -279,7 +273,6 @@ def test_revert_leaves_a_helper_name_the_program_rebound(env: Env) -> None:
     assert m.LIMIT == 99
 
 
-@pytest.mark.xfail(reason="FINDINGS #15", strict=True)
 def test_classmethod_and_staticmethod_helpers_run_in_the_target(env: Env) -> None:
     m = env.source_module(HELPERS, "helpers")
     text = """
@@ -413,7 +406,6 @@ def test_method_of_class_defined_inside_a_function(env: Env) -> None:
     assert m.factory("c")().hello() == "c:base"
 
 
-@pytest.mark.xfail(reason="FINDINGS #17", strict=True)
 def test_two_patches_loaded_from_text_keep_their_own_source(env: Env) -> None:
     """`livepatch.loads(text)` with the default filename, twice (as a control channel
     receiving patch texts would): each patch must install its own code."""
@@ -437,7 +429,6 @@ def greet(name, greeting="hello", *, punct="!"):
     assert m.greet("a") == "text-2 says hi to a"
 
 
-@pytest.mark.xfail(reason="FINDINGS #17", strict=True)
 def test_patch_file_edited_between_loads_keeps_each_version(env: Env) -> None:
     """Load fix.py, edit it (new name, new body), load again, then apply the first."""
     m = env.source_module(HELPERS, "helpers")
@@ -458,7 +449,6 @@ def test_patch_file_edited_between_loads_keeps_each_version(env: Env) -> None:
     assert m.greet("a") == "edit-1: a"
 
 
-@pytest.mark.xfail(reason="FINDINGS #18", strict=True)
 def test_class_based_decorator(env: Env) -> None:
     m = env.source_module(
         """

@@ -181,7 +181,6 @@ def test_second_patch_may_expect_the_first_patchs_source(env: Env) -> None:
     assert m.price(1) == 12
 
 
-@pytest.mark.xfail(reason="FINDINGS #16", strict=True)
 def test_apply_without_expect_says_nothing_was_verified(
     env: Env, caplog: pytest.LogCaptureFixture
 ) -> None:
