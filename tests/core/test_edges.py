@@ -209,15 +209,26 @@ def test_new_method_helper_with_zero_argument_super(env: Env) -> None:
 
         @patch.new("TARGET_MODULE:Account.base_hello")
         def base_hello(self):
-            return "via " + super().hello()
+            return "via " + super().hello() + " in " + __class__.__name__
+
+        @patch.new("TARGET_MODULE:Account.make")
+        @classmethod
+        def make(cls):
+            return (cls.__name__, super().__name__ if False else "ok")
+
+        @patch.function("TARGET_MODULE:Account.hello")
+        def hello(self):
+            return "account+" + self.base_hello()
     """
     patch = livepatch.load(env.patch_text(text, m))
-    try:
-        livepatch.apply(patch, model=IMM)
-    except livepatch.UnsafeChange as exc:  # a clear refusal is acceptable
-        assert "super" in str(exc) and "base_hello" in str(exc)
-        return
-    assert m.Account().base_hello() == "via base"
+    livepatch.apply(patch, model=IMM)
+    acct = m.Account()
+    assert acct.base_hello() == "via base in Account"
+    assert acct.hello() == "account+via base in Account"
+    assert m.Account.make() == ("Account", "ok")
+    livepatch.revert("helper-super", model=IMM)
+    assert acct.hello() == "account"
+    assert not hasattr(m.Account, "base_hello")
 
 
 def test_new_helper_in_future_annotations_module(env: Env) -> None:
