@@ -520,3 +520,40 @@ def test_atomic_replace_puts_nested_functions_back(env: Env, m: types.ModuleType
     assert m.branchy(True)() == "yes"
     livepatch.apply(load(env, m, PATCH_INNER), model=IMM)  # and it can be patched again
     assert (made_before(1), made_during(1), m.outer(4)(1)) == (1002, 1003, 1004)
+
+
+@pytest.mark.xfail(reason="FINDINGS #20", strict=True)
+def test_doubly_nested_function(env: Env) -> None:
+    m = env.source_module(
+        """
+        def a(x):
+            def b(y):
+                def c(z):
+                    return ("c", x, y, z)
+
+                return c
+
+            return b
+
+
+        existing_b = a(1)
+        existing_c = existing_b(2)
+        """,
+        "deep",
+    )
+    text = """
+        import livepatch
+        patch = livepatch.Patch("deep")
+
+        @patch.function("TARGET_MODULE:a.<locals>.b.<locals>.c")
+        def c(z):
+            return ("C", x, y, z)
+    """
+    livepatch.apply(livepatch.load(env.patch_text(text, m)), model=IMM)
+    assert m.existing_c(3) == ("C", 1, 2, 3)  # an existing instance
+    assert m.existing_b(5)(3) == ("C", 1, 5, 3)  # made by an existing instance of b
+    assert m.a(7)(8)(9) == ("C", 7, 8, 9)  # made by a new b
+    livepatch.revert("deep", model=IMM)
+    assert m.existing_c(3) == ("c", 1, 2, 3)
+    assert m.existing_b(5)(3) == ("c", 1, 5, 3)
+    assert m.a(7)(8)(9) == ("c", 7, 8, 9)
