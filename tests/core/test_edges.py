@@ -557,3 +557,24 @@ def test_doubly_nested_function(env: Env) -> None:
     assert m.existing_c(3) == ("c", 1, 2, 3)
     assert m.existing_b(5)(3) == ("c", 1, 5, 3)
     assert m.a(7)(8)(9) == ("c", 7, 8, 9)
+
+
+def test_outer_expect_verifies_while_inner_is_patched(env: Env, m: types.ModuleType) -> None:
+    livepatch.apply(load(env, m, PATCH_INNER), model=IMM)
+    text = PATCH_OUTER.replace(
+        '@patch.function("TARGET_MODULE:outer")',
+        '@patch.function("TARGET_MODULE:outer", expect=EXPECT)',
+    ).replace(
+        "import livepatch\n",
+        'import livepatch\nEXPECT = """\n'
+        "def outer(k):\n    def inner(x, scale=1):\n        return x * k * scale\n\n"
+        '    return inner\n"""\n',
+        1,
+    )
+    patch = load(env, m, text)
+    assert livepatch.plan(patch).changes[0].verified
+    twin = env.source_module(NESTED, "twin")  # the same source, never patched
+    patch.functions[0].expect = livepatch.fingerprint(twin.outer)
+    assert livepatch.plan(patch).changes[0].verified
+    livepatch.apply(patch, model=IMM)
+    assert m.outer(4)(1) == 1004

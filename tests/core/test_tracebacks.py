@@ -171,3 +171,32 @@ def test_traceback_survives_patch_file_changing_on_disk(env: Env, m: types.Modul
     frame = last_frame(info.value)
     assert frame.lineno == expected
     assert frame.line is not None and "METHOD-RAISE" in frame.line
+
+
+def test_reapplied_edited_patch_shows_its_new_lines(env: Env, m: types.ModuleType) -> None:
+    """Apply fix.py, revert, edit it (same patch name, other layout), apply again: the
+    traceback shows the edited file's lines, not the first version's."""
+    first = """
+        import livepatch
+        patch = livepatch.Patch("same-name")
+
+        @patch.function("TARGET_MODULE:price")
+        def price(n):
+            raise ValueError("first version")  # FIRST
+    """
+    path = env.patch_text(first, m, "fix.py")
+    livepatch.apply(livepatch.load(path), model=IMM)
+    with pytest.raises(ValueError, match="first version"):
+        m.price(1)
+    livepatch.revert("same-name", model=IMM)
+    second = first.replace("# FIRST", "# SECOND").replace(
+        '    raise ValueError("first version")',
+        '    n = n + 1\n            raise ValueError("second version")',
+    )
+    path.write_text(env.patch_text(second, m, "tmp.py").read_text())
+    livepatch.apply(livepatch.load(path), model=IMM)
+    with pytest.raises(ValueError, match="second version") as info:
+        m.price(1)
+    frame = last_frame(info.value)
+    assert frame.lineno == line_of(path, "SECOND")
+    assert frame.line is not None and "SECOND" in frame.line, frame.line
