@@ -469,3 +469,11 @@ def test_apply_accepts_a_path(env: Env) -> None:
     applied = livepatch.patches()[0]
     assert applied.source == str(path.resolve())
     assert applied.sha256 and len(applied.sha256) == 64
+
+
+def test_signature_change_is_reported_by_plan(env: Env, m: types.ModuleType) -> None:
+    patch = one(env, m, "plain", "def plain(x, y):\n    return x + y\n")
+    plan = livepatch.plan(patch)
+    assert "signature" in plan.changes[0].note, plan.changes[0].note
+    same = one(env, m, "plain", "def plain(x):\n    return x + 2\n")
+    assert "signature" not in livepatch.plan(same).changes[0].note
