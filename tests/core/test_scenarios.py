@@ -13,6 +13,7 @@ import asyncio
 import functools
 import sys
 import types
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -551,3 +552,25 @@ def test_timeout_advice_fits_the_model(env: Env, model: str) -> None:
         livepatch.apply(env.patch("async_gen", m), model="hybrid", timeout=0.2)
     running.close()
     assert "model='hybrid'" not in str(info.value), str(info.value)
+
+
+@pytest.mark.xfail(sys.version_info >= (3, 13), reason="FINDINGS #22", strict=True)
+def test_default_model_with_deprecation_warnings_as_errors(env: Env, model: str) -> None:
+    """Programs (and test suites) run with -W error: patching a generator or a coroutine
+    under the default model must not depend on a deprecated code assignment."""
+    if model == IMM:
+        pytest.skip("about the default model")
+    m = env.module("async_gen")
+    before = {name: getattr(m, name).__code__ for name in ("fetch", "countdown", "ticks")}
+    patch = env.patch("async_gen", m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        try:
+            livepatch.apply(patch)
+        except Exception:
+            # a failure must leave everything as it was
+            assert {n: getattr(m, n).__code__ for n in before} == before
+            assert livepatch.patches() == []
+            raise
+    assert list(m.countdown(2)) == [20, 10]
+    assert asyncio.run(m.fetch(1)) == 101
