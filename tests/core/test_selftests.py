@@ -278,3 +278,20 @@ def test_patches_reports_when_new_code_first_ran(env: Env, m: types.ModuleType) 
     ran = view.exercised[f"{m.__name__}:f"]
     assert ran is not None and t0 - 1 <= ran <= time.time()
     assert view.exercised[f"{m.__name__}:g"] is None
+
+
+def test_what_callbacks_see_in_patches(env: Env, m: types.ModuleType) -> None:
+    seen: dict[str, list[tuple[str, str]]] = {}
+    patch = mk(env, m, "views", {"f": "f1"})
+
+    def record(kind: str) -> None:
+        seen[kind] = [(p.name, p.state) for p in livepatch.patches()]
+
+    for kind in ("pre_patch", "post_patch", "pre_unpatch", "post_unpatch"):
+        getattr(patch, kind)(lambda kind=kind: record(kind))
+    livepatch.apply(patch, model=IMM)
+    livepatch.revert("views", model=IMM)
+    assert seen["pre_patch"] == []
+    assert seen["post_patch"] == [("views", "applied")]
+    assert seen["pre_unpatch"] == [("views", "applied")]
+    assert seen["post_unpatch"] == []
