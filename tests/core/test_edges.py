@@ -578,3 +578,67 @@ def test_outer_expect_verifies_while_inner_is_patched(env: Env, m: types.ModuleT
     assert livepatch.plan(patch).changes[0].verified
     livepatch.apply(patch, model=IMM)
     assert m.outer(4)(1) == 1004
+
+
+def test_singledispatch_default_implementation(env: Env) -> None:
+    m = env.source_module(
+        """
+        import functools
+
+        @functools.singledispatch
+        def show(x):
+            return f"obj {x}"
+
+        @show.register(int)
+        def _(x):
+            return f"int {x}"
+        """,
+        "dispatch",
+    )
+    text = """
+        import livepatch
+        patch = livepatch.Patch("sd")
+
+        @patch.function("TARGET_MODULE:show")
+        def show(x):
+            return f"OBJ {x}"
+    """
+    livepatch.apply(livepatch.load(env.patch_text(text, m)), model=IMM)
+    assert (m.show("s"), m.show(1)) == ("OBJ s", "int 1")  # registrations still dispatch
+    livepatch.revert("sd", model=IMM)
+    assert m.show("s") == "obj s"
+
+
+@pytest.mark.xfail(reason="FINDINGS #23", strict=True)
+def test_cached_property_stale_values_are_reported(env: Env) -> None:
+    m = env.source_module(
+        """
+        import functools
+
+        class Order:
+            def __init__(self, n):
+                self.n = n
+
+            @functools.cached_property
+            def total(self):
+                return self.n * 10
+        """,
+        "cprop",
+    )
+    cached = m.Order(2)
+    assert cached.total == 20
+    text = """
+        import livepatch
+        patch = livepatch.Patch("cp")
+
+        @patch.function("TARGET_MODULE:Order.total")
+        def total(self):
+            return self.n * 100
+    """
+    patch = livepatch.load(env.patch_text(text, m))
+    plan = livepatch.plan(patch)
+    livepatch.apply(patch, model=IMM)
+    assert m.Order(2).total == 200  # new instances compute with the new code
+    if cached.total == 20:  # instances that cached the old value keep it: must be said
+        said = plan.changes[0].note + " ".join(plan.notes)
+        assert "cached_property" in said or "cached" in said, said
