@@ -642,3 +642,50 @@ def test_cached_property_stale_values_are_reported(env: Env) -> None:
     if cached.total == 20:  # instances that cached the old value keep it: must be said
         said = plan.changes[0].note + " ".join(plan.notes)
         assert "cached_property" in said or "cached" in said, said
+
+
+PRIVATE = """
+class Account:
+    def __init__(self):
+        self.__log = []
+
+    def __audit(self, what):
+        self.__log.append(what)
+        return len(self.__log)
+
+    def deposit(self, n):
+        return self.__audit(("deposit", n))
+"""
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    ["Account._Account__audit",
+     pytest.param("Account.__audit",
+                  marks=pytest.mark.xfail(reason="FINDINGS #24", strict=True))],
+)
+def test_private_method_target(env: Env, spelling: str) -> None:
+    m = env.source_module(PRIVATE, "private")
+    acct = m.Account()
+    text = f"""
+        import livepatch
+        patch = livepatch.Patch("private")
+
+        @patch.function("TARGET_MODULE:{spelling}", expect='''
+        def __audit(self, what):
+            self.__log.append(what)
+            return len(self.__log)
+        ''')
+        def __audit(self, what):
+            self.__log.append(("audited", what))
+            return -len(self.__log)
+    """
+    patch = livepatch.load(env.patch_text(text, m))
+    try:
+        livepatch.apply(patch, model=IMM)
+    except livepatch.TargetNotFound as exc:
+        # naming it as written in the source is refused: the message must give the key
+        assert spelling == "Account.__audit" and "_Account__audit" in str(exc), str(exc)
+        return
+    assert acct.deposit(5) == -1
+    assert vars(acct)["_Account__log"] == [("audited", ("deposit", 5))]
