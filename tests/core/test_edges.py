@@ -689,3 +689,25 @@ def test_private_method_target(env: Env, spelling: str) -> None:
         return
     assert acct.deposit(5) == -1
     assert vars(acct)["_Account__log"] == [("audited", ("deposit", 5))]
+
+
+def test_replacement_without_source(env: Env) -> None:
+    """A replacement made by exec() has no source to recompile: fine for a plain module
+    function (its code runs as compiled), refused where the context matters."""
+    m = env.source_module(HELPERS, "nosource")
+    ns: dict[str, object] = {}
+    exec("def greet(name, greeting='yo', *, punct='.'):\n    return greeting + name + punct\n",
+         ns)
+    patch = livepatch.Patch("no-source")
+    patch.function(f"{m.__name__}:greet")(ns["greet"])
+    livepatch.apply(patch, model=IMM)
+    assert m.greet("a") == "yoa."
+    livepatch.revert("no-source", model=IMM)
+    assert m.greet("a") == "hello a!"
+    exec("def method(self):\n    return self.__secret\n", ns)
+    patch = livepatch.Patch("no-source-method")
+    patch.new(f"{m.__name__}:Cart.peek", ns["method"])
+    patch.function(f"{m.__name__}:Cart.__init__")(ns["method"])
+    with pytest.raises(livepatch.UnsafeChange, match="source"):
+        livepatch.apply(patch, model=IMM)
+    assert not hasattr(m.Cart, "peek")
