@@ -323,6 +323,9 @@ def _prepare(patch: Patch, spec: FunctionSpec) -> tuple[_Prepared, PlannedChange
         version = Version(code, spec.replacement.__defaults__, kwdefaults, patch.name)
 
     verified, note = _verify(spec, ctx, slot)
+    if target.warning:
+        note += "; " + target.warning
+        log.warning("livepatch: %s: %s", patch.name, target.warning)
     if _signature(code) != _signature(live):
         note += "; the signature changed: callers that bind arguments the old way may break"
     return _Prepared(spec, slot, version), PlannedChange(spec.target, verified, note)
@@ -362,6 +365,7 @@ def _slot_for(target: locate.Target) -> Slot:
     if existing is not None:
         if target.nested:
             existing.funcs = locate.instances_of(*existing.inner_codes())
+            existing.refresh_outers()
         return existing
     if target.nested:
         original = Version(target.code, KEEP, KEEP, None)
@@ -375,6 +379,7 @@ def _slot_for(target: locate.Target) -> Slot:
         outers=list(target.outers),
         after_install=list(target.after_install),
         nested=target.nested,
+        middle=target.middle,
     )
 
 
@@ -770,6 +775,7 @@ class _ApplyHooks:
 
     def complete(self, t: Transition | None) -> None:
         name = self.record.patch.name
+        _adopt_stragglers(self.record.slots + _slots_of(self.superseded))
         log.info("livepatch: %s: patch transition completed", name)
         errors = _run_callbacks(self.record.patch, "post_patch", veto=False)
         with LOCK:
@@ -784,8 +790,18 @@ class _ApplyHooks:
                 added.remove()
             if self.record in _applied:
                 _applied.remove(self.record)
+        _adopt_stragglers(self.record.slots + _slots_of(self.superseded))
         log.info("livepatch: %s: patch transition reversed", self.record.patch.name)
         _run_callbacks(self.record.patch, "post_unpatch", veto=False)
+
+
+def _adopt_stragglers(slots: list[Slot]) -> None:
+    """Closures made while a transition ran may run a version that is no longer the
+    effective one; finding them walks the heap, so it happens here, with the world
+    running, not in finalize."""
+    with LOCK:
+        for slot in _unique(slots):
+            slot.adopt()
 
 
 def _unique(slots: list[Slot]) -> list[Slot]:
@@ -864,6 +880,7 @@ class _RevertHooks:
                 _applied.remove(self.record)
 
     def complete(self, t: Transition | None) -> None:
+        _adopt_stragglers(self.record.slots)
         log.info("livepatch: %s: unpatch transition completed", self.record.patch.name)
         _run_callbacks(self.record.patch, "post_unpatch", veto=False)
 

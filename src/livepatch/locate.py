@@ -53,6 +53,10 @@ class Target:
     #: for nested targets: the local names of the enclosing functions — a replacement that
     #: reads one of them as a global would be a new free variable in disguise
     enclosing_locals: frozenset[str] = frozenset()
+    #: qualnames of intermediate enclosing functions (doubly nested targets)
+    middle: tuple[str, ...] = ()
+    #: something the user must know (e.g. cached values that stay stale)
+    warning: str | None = None
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -84,7 +88,8 @@ def resolve(key: str) -> Target:
         return _resolve_nested(key, module, qualname)
     obj = _walk(key, module, qualname)
     after: list[Callable[[], None]] = []
-    func = _unwrap(key, obj, qualname, after)
+    warnings: list[str] = []
+    func = _unwrap(key, obj, qualname, after, warnings)
     return Target(
         key=key,
         module=module,
@@ -93,6 +98,7 @@ def resolve(key: str) -> Target:
         code=func.__code__,
         ident=("func", id(func)),
         after_install=after,
+        warning="; ".join(warnings) or None,
     )
 
 
@@ -109,6 +115,11 @@ def _walk(key: str, module: ModuleType, qualname: str) -> Any:
     obj: Any = module
     for part in qualname.split("."):
         if isinstance(obj, type):
+            if part.startswith("__") and not part.endswith("__"):
+                # `Account.__audit` is the qualname; the class dict holds it mangled
+                mangled = f"_{obj.__name__.lstrip('_')}{part}"
+                if part not in obj.__dict__ and mangled in obj.__dict__:
+                    part = mangled
             if part in obj.__dict__:
                 obj = obj.__dict__[part]
                 continue
@@ -136,7 +147,9 @@ def _describe(obj: Any) -> str:
     return getattr(obj, "__qualname__", type(obj).__name__)
 
 
-def _unwrap(key: str, obj: Any, qualname: str, after: list[Callable[[], None]]) -> FunctionType:
+def _unwrap(
+    key: str, obj: Any, qualname: str, after: list[Callable[[], None]], warnings: list[str]
+) -> FunctionType:
     want = qualname.split(".")[-1]
     seen: set[int] = set()
     while True:
@@ -150,6 +163,10 @@ def _unwrap(key: str, obj: Any, qualname: str, after: list[Callable[[], None]]) 
                 raise TargetNotFound(f"{key}: the property has no getter")
             obj = obj.fget
         elif isinstance(obj, functools.cached_property):
+            warnings.append(
+                f"{key} is a cached_property: instances that computed it already keep their "
+                "cached value; clear it in a post_patch callback (del obj.attr) where needed"
+            )
             obj = obj.func
         elif isinstance(obj, functools.partial):
             raise UnsafeChange(
@@ -280,6 +297,9 @@ def _resolve_nested(key: str, module: ModuleType, qualname: str) -> Target:
         if parent.co_flags & 0x1  # functions; class bodies do not enclose their methods
         for name in (*parent.co_varnames, *parent.co_cellvars, *parent.co_freevars)
     )
+    # a.<locals>.b.<locals>.c: live instances of b make c closures too
+    middle = tuple(c.co_qualname for c in chain[1:-1] if c.co_flags & 0x1)
+    middles = instances_of(*[c for q in middle for c in _named(outer.__code__, q)])
     return Target(
         key=key,
         module=module,
@@ -287,9 +307,10 @@ def _resolve_nested(key: str, module: ModuleType, qualname: str) -> Target:
         funcs=instances_of(code),
         code=code,
         ident=("nested", key),
-        outers=[outer],
+        outers=[outer, *middles],
         nested=True,
         enclosing_locals=enclosing,
+        middle=middle,
     )
 
 

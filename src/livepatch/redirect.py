@@ -97,6 +97,10 @@ class Slot:
     after_install: list[Callable[[], None]] = field(default_factory=list)
     #: a nested function: instances come and go, defaults are per instance
     nested: bool = False
+    #: qualnames of intermediate enclosing functions (doubly nested targets), whose
+    #: live instances are outers too; the first `fixed_outers` outers are the top ones
+    middle: tuple[str, ...] = ()
+    fixed_outers: int = 1
 
     #: every code object this slot has installed, by id (nested instances and outer
     #: constants may still hold any of them). Code objects compare *equal* when compiled
@@ -134,18 +138,13 @@ class Slot:
         Returns the errors of after-install hooks (user code such as a cache's clear()):
         the code is installed regardless; the caller decides whether that is a failure.
         """
-        if self.nested:
-            # closures made since the slot was planned, by any version of the enclosing
-            # function, run some version of this code: adopt them
-            from livepatch.locate import instances_of
-
-            self.funcs = instances_of(*self.inner_codes(), version.code)
         self.seen[id(version.code)] = version.code
+        if self.nested:
+            # first the enclosing functions: no closure made from here on runs old code
+            self.rewrite_outers(version.code)
         for func in self.funcs:
             version.install(func)
-        if self.nested:
-            self.rewrite_outers(version.code)
-        else:
+        if not self.nested:
             _reconcile_nested(self)
         errors = []
         for hook in self.after_install:
@@ -156,6 +155,40 @@ class Slot:
                 log.warning("livepatch: %s: after-install hook failed: %s", self.key, exc)
                 errors.append(f"{self.key}: {getattr(hook, '__qualname__', hook)} failed: {exc}")
         return errors
+
+    def adopt(self) -> None:
+        """Nested slots: find closures made since the instances were last collected and
+        make them run the effective version.
+
+        This walks the heap (gc.get_referrers), so it runs when planning and after a
+        transition completed — never inside install, which may run with the world stopped.
+        """
+        if not self.nested:
+            return
+        from livepatch.locate import instances_of
+
+        version = self.effective()
+        known = {id(f) for f in self.funcs}
+        self.funcs = instances_of(*self.inner_codes(), version.code)
+        for func in self.funcs:
+            if id(func) not in known or func.__code__ is not version.code:
+                version.install(func)
+        self.refresh_outers()
+
+    def refresh_outers(self) -> None:
+        """Nested slots: pick up live instances of intermediate enclosing functions
+        (``a.<locals>.b`` for ``a.<locals>.b.<locals>.c``) made since the last look."""
+        if self.middle:
+            from livepatch.locate import instances_of
+
+            top = self.outers[: self.fixed_outers]
+            codes = [c for outer in top for q in self.middle
+                     for c in named_consts(outer.__code__, q)]
+            # instances we know run their own (rewritten) copies of the middle code
+            codes += [o.__code__ for o in self.outers[self.fixed_outers :]]
+            fresh = instances_of(*codes) if codes else []
+            self.outers = [*self.outers[: self.fixed_outers], *fresh]
+            self.rewrite_outers(self.effective().code)
 
     def install_code(self, code: CodeType) -> None:
         """Install a bare code object (a trampoline) on every live object."""
