@@ -522,7 +522,6 @@ def test_atomic_replace_puts_nested_functions_back(env: Env, m: types.ModuleType
     assert (made_before(1), made_during(1), m.outer(4)(1)) == (1002, 1003, 1004)
 
 
-@pytest.mark.xfail(reason="FINDINGS #20", strict=True)
 def test_doubly_nested_function(env: Env) -> None:
     m = env.source_module(
         """
@@ -609,7 +608,6 @@ def test_singledispatch_default_implementation(env: Env) -> None:
     assert m.show("s") == "obj s"
 
 
-@pytest.mark.xfail(reason="FINDINGS #23", strict=True)
 def test_cached_property_stale_values_are_reported(env: Env) -> None:
     m = env.source_module(
         """
@@ -658,12 +656,7 @@ class Account:
 """
 
 
-@pytest.mark.parametrize(
-    "spelling",
-    ["Account._Account__audit",
-     pytest.param("Account.__audit",
-                  marks=pytest.mark.xfail(reason="FINDINGS #24", strict=True))],
-)
+@pytest.mark.parametrize("spelling", ["Account._Account__audit", "Account.__audit"])
 def test_private_method_target(env: Env, spelling: str) -> None:
     m = env.source_module(PRIVATE, "private")
     acct = m.Account()
