@@ -295,3 +295,16 @@ def test_what_callbacks_see_in_patches(env: Env, m: types.ModuleType) -> None:
     assert seen["post_patch"] == [("views", "applied")]
     assert seen["pre_unpatch"] == [("views", "applied")]
     assert seen["post_unpatch"] == []
+
+
+@pytest.mark.xfail(reason="FINDINGS #25", strict=True)
+def test_plan_of_atomic_replace_says_what_goes_back(env: Env, m: types.ModuleType) -> None:
+    livepatch.apply(mk(env, m, "p1", {"f": "f1", "g": "g1"}), model=IMM)
+    livepatch.apply(mk(env, m, "p2", {"h": "h2"}), model=IMM)
+    replace = mk(env, m, "replace", {"f": "fR"}, cumulative=True)
+    plan = livepatch.plan(replace)
+    said = " ".join([*(c.target + " " + c.note for c in plan.changes), *plan.notes])
+    # a dry run must show that g and h go back to their original code, and p1/p2 go away
+    for name in (f"{m.__name__}:g", f"{m.__name__}:h", "p1", "p2"):
+        assert name in said, (name, said)
+    assert now(m) == ("f1", "g1", "h2")
