@@ -3,6 +3,7 @@ defaults, ambiguous nested names, helpers in special contexts."""
 
 from __future__ import annotations
 
+import sys
 import types
 
 import pytest
@@ -704,3 +705,51 @@ def test_replacement_without_source(env: Env) -> None:
     with pytest.raises(livepatch.UnsafeChange, match="source"):
         livepatch.apply(patch, model=IMM)
     assert not hasattr(m.Cart, "peek")
+
+
+GENERIC = """
+def first[T](items: list[T]) -> T:
+    return (items[0], T.__name__)
+
+
+class Box[T]:
+    def __init__(self, v: T):
+        self.v = v
+
+    def describe(self) -> str:
+        return f"{T.__name__}:{self.v}"
+"""
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="PEP 695 syntax")
+def test_pep695_generic_function_and_class(env: Env) -> None:
+    m = env.source_module(GENERIC, "generic")
+    box = m.Box(1)
+    text = '''
+import livepatch
+patch = livepatch.Patch("generic")
+
+
+@patch.function("TARGET_MODULE:first", expect="""
+def first[T](items: list[T]) -> T:
+    return (items[0], T.__name__)
+""")
+def first[T](items: list[T]) -> T:
+    return (items[-1], T.__name__)
+
+
+@patch.function("TARGET_MODULE:Box.describe", expect="""
+def describe(self) -> str:
+    return f"{T.__name__}:{self.v}"
+""")
+def describe(self) -> str:
+    return f"<{T.__name__}={self.v}>"
+'''
+    patch = livepatch.load(env.patch_text(text, m))
+    assert all(c.verified for c in livepatch.plan(patch).changes)
+    livepatch.apply(patch, model=IMM)
+    assert m.first([1, 2]) == (2, "T")
+    assert box.describe() == "<T=1>"
+    livepatch.revert("generic", model=IMM)
+    assert m.first([1, 2]) == (1, "T")
+    assert box.describe() == "T:1"
