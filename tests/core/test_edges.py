@@ -3,6 +3,7 @@ defaults, ambiguous nested names, helpers in special contexts."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import types
 
@@ -753,3 +754,56 @@ def describe(self) -> str:
     livepatch.revert("generic", model=IMM)
     assert m.first([1, 2]) == (1, "T")
     assert box.describe() == "T:1"
+
+
+def test_contextmanager_and_asynccontextmanager(env: Env) -> None:
+    m = env.source_module(
+        """
+        import contextlib
+
+        LOG = []
+
+        @contextlib.contextmanager
+        def opened(name):
+            LOG.append(("open", name))
+            try:
+                yield name.upper()
+            finally:
+                LOG.append(("close", name))
+
+        @contextlib.asynccontextmanager
+        async def session(name):
+            yield f"session {name}"
+        """,
+        "ctx",
+    )
+    text = """
+        import livepatch
+        patch = livepatch.Patch("ctx")
+
+        @patch.function("TARGET_MODULE:opened")
+        def opened(name):
+            LOG.append(("OPEN", name))
+            try:
+                yield name[::-1]
+            finally:
+                LOG.append(("CLOSE", name))
+
+        @patch.function("TARGET_MODULE:session")
+        async def session(name):
+            yield f"SESSION {name}"
+    """
+    livepatch.apply(livepatch.load(env.patch_text(text, m)), model=IMM)
+    with m.opened("ab") as value:
+        assert value == "ba"
+    assert m.LOG == [("OPEN", "ab"), ("CLOSE", "ab")]
+
+    async def use() -> str:
+        async with m.session("x") as s:
+            return str(s)
+
+    assert asyncio.run(use()) == "SESSION x"
+    livepatch.revert("ctx", model=IMM)
+    with m.opened("ab") as value:
+        assert value == "AB"
+    assert asyncio.run(use()) == "session x"
