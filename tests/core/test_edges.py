@@ -807,3 +807,39 @@ def test_contextmanager_and_asynccontextmanager(env: Env) -> None:
     with m.opened("ab") as value:
         assert value == "AB"
     assert asyncio.run(use()) == "session x"
+
+
+def test_dataclass_generated_init(env: Env) -> None:
+    m = env.source_module(
+        """
+        import dataclasses
+
+        @dataclasses.dataclass
+        class Point:
+            x: int
+            y: int = 0
+            tags: list = dataclasses.field(default_factory=list)
+        """,
+        "dc",
+    )
+    old = m.Point(1)
+    text = """
+        import livepatch
+        patch = livepatch.Patch("dc-init")
+
+        @patch.function("TARGET_MODULE:Point.__init__")
+        def __init__(self, x, y=0, tags=None):
+            if x < 0:
+                raise ValueError("x must be >= 0")
+            self.x = x
+            self.y = y
+            self.tags = list(tags or ())
+    """
+    livepatch.apply(livepatch.load(env.patch_text(text, m)), model=IMM)
+    with pytest.raises(ValueError):
+        m.Point(-1)
+    assert m.Point(2, tags=("a",)) == m.Point(2, 0, ["a"])
+    assert old == m.Point(1)
+    livepatch.revert("dc-init", model=IMM)
+    assert m.Point(-1).x == -1
+    assert m.Point(3).tags == []
