@@ -378,3 +378,37 @@ def test_alloc_race_exactly_one_wins() -> None:
         t.join(10)
     assert len(wins) == 1 and len(losses) == 15
     assert shadow.get(obj, "race") == wins[0]
+
+
+@pytest.mark.xfail(reason="FINDINGS #27", strict=True)
+def test_recursive_get_or_alloc_on_the_same_key_does_not_hang() -> None:
+    """A factory that (by mistake) asks for its own key: an error, not a silent hang.
+    (In a subprocess: a hung thread must not stay behind in the test process.)"""
+    proc = run_isolated(
+        """
+        import threading
+        from livepatch import shadow
+
+        class Plain:
+            pass
+
+        obj = Plain()
+        outcome = []
+
+        def factory():
+            return shadow.get_or_alloc(obj, "x", factory) + 1
+
+        def run():
+            try:
+                shadow.get_or_alloc(obj, "x", factory)
+                outcome.append("returned")
+            except Exception as exc:
+                outcome.append(type(exc).__name__)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(2)
+        print("hung" if t.is_alive() else outcome[0])
+        """
+    )
+    assert proc.stdout.split()[-1:] not in (["hung"], ["returned"], []), proc.stdout + proc.stderr
