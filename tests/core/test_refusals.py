@@ -477,3 +477,21 @@ def test_signature_change_is_reported_by_plan(env: Env, m: types.ModuleType) -> 
     assert "signature" in plan.changes[0].note, plan.changes[0].note
     same = one(env, m, "plain", "def plain(x):\n    return x + 2\n")
     assert "signature" not in livepatch.plan(same).changes[0].note
+
+
+@pytest.mark.xfail(reason="FINDINGS #28", strict=True)
+def test_patch_file_with_utf8_bom_loads(tmp_path: Path) -> None:
+    """Python runs a file saved with a UTF-8 byte-order mark; so must load()."""
+    path = tmp_path / "bom.py"
+    path.write_bytes(b"\xef\xbb\xbf" + b"import livepatch\npatch = livepatch.Patch('bom')\n")
+    assert livepatch.load(path).name == "bom"
+
+
+@pytest.mark.xfail(reason="FINDINGS #28", strict=True)
+def test_patch_file_with_coding_cookie_loads(tmp_path: Path) -> None:
+    path = tmp_path / "latin.py"
+    path.write_bytes(
+        b"# -*- coding: latin-1 -*-\nimport livepatch\n"
+        b"patch = livepatch.Patch('latin', description='caf\xe9')\n"
+    )
+    assert livepatch.load(path).description == "caf\u00e9"
