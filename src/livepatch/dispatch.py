@@ -45,6 +45,7 @@ import functools
 import itertools
 import sys
 import threading
+import time
 import types
 import warnings
 import weakref
@@ -70,6 +71,24 @@ _KIND_FLAGS = 0x20 | 0x80 | 0x200  # generator, coroutine, async generator
 #: the trampoline's one global: in the template, renamed per function (see _Entry)
 STATE_NAME = "__livepatch_state__"
 _ids = itertools.count()
+#: (when, builtins dict, name) of trampoline states left behind by finished transitions
+_tombstones: list[tuple[float, dict[str, Any], str]] = []
+TOMBSTONE_SECONDS = 60.0
+
+
+def _sweep_tombstones() -> None:
+    """Forget trampoline states of transitions that ended long ago (no thread can still
+    be between entering a trampoline and reading its state after a minute)."""
+    now = time.monotonic()
+    while _tombstones and now - _tombstones[0][0] > TOMBSTONE_SECONDS:
+        _, holder, name = _tombstones.pop(0)
+        holder.pop(name, None)
+
+
+def yield_gil() -> None:
+    """Let waiting threads run: long loops of the patching thread call this every few
+    hundred microseconds, so no thread waits the whole 5 ms switch interval."""
+    time.sleep(0)
 
 _templates: dict[tuple[Any, ...], CodeType] = {}
 _templates_lock = threading.Lock()
@@ -147,6 +166,12 @@ def _template(freevars: tuple[str, ...], sig: Signature | None, ndefaults: int) 
             )
         else:
             params, call, pack_a, pack_k = sig.source(ndefaults)
+        # generic: skip the empty kwargs dict, the common case (half the cost of a call)
+        fast = (
+            "return __lp_f(*__lp_a, **__lp_k) if __lp_k else __lp_f(*__lp_a)"
+            if sig is None
+            else f"return __lp_f({call})"
+        )
         bind = f"    {' = '.join(freevars)} = None\n" if freevars else ""
         use = f"        if 0: ({', '.join(freevars)},)\n" if freevars else ""
         source = (
@@ -156,7 +181,7 @@ def _template(freevars: tuple[str, ...], sig: Signature | None, ndefaults: int) 
             f"{use}"
             f"        __lp_s, __lp_b, __lp_i, __lp_f, __lp_p = {STATE_NAME}\n"
             "        if not __lp_s and (not __lp_b or __lp_i() not in __lp_b):\n"
-            f"            return __lp_f({call})\n"
+            f"            {fast}\n"
             f"        return __lp_p({pack_a}, {pack_k})\n"
             "    return __lp_trampoline__\n"
         )
@@ -301,12 +326,15 @@ class Universe:
         before it knows its record waits on the lock (``installing`` flag) instead of
         guessing its universe.
         """
+        _sweep_tombstones()
         with self.lock:
             self.slow["installing"] = True
             try:
-                for change in self.changes:
+                for i, change in enumerate(self.changes):
                     for func in change.slot.funcs:
                         self._install_one(func, change.old, change.new)
+                    if i % 16 == 15:
+                        yield_gil()
                 self.installed = True
                 caller = tasks.current_key()
                 for info in tasks.all_tasks():
@@ -363,7 +391,13 @@ class Universe:
                 func.__code__ = version.code
                 func.__defaults__ = d
                 func.__kwdefaults__ = dict(kw) if kw else None
-                _builtins_of(func).pop(entry.global_name, None)
+                # A thread may have entered the trampoline and not yet loaded its state
+                # (the GIL can change hands at the frame's start): leave a state that
+                # sends it to `side`, and drop it only much later (_sweep_tombstones).
+                _builtins_of(func)[entry.global_name] = (
+                    {}, set(), tasks.get_ident, entry.clones[side], None
+                )
+                _tombstones.append((time.monotonic(), _builtins_of(func), entry.global_name))
             self.entries = []
             self.installed = False
 
@@ -498,7 +532,9 @@ class Universe:
         sides = self.sides
         with self.lock:
             snapshot = sys._current_frames()
-            for key, rec in list(self.records.items()):
+            for i, (key, rec) in enumerate(list(self.records.items())):
+                if i % 64 == 63:
+                    yield_gil()
                 if rec.side == self.goal:
                     continue
                 if not tasks.is_alive(rec.info, snapshot):

@@ -4,18 +4,20 @@
 timeout and still force a hand-off; a huge interval starves the patching thread). What
 does: make every other thread call back into us at its next *event* and block there.
 
-* Python 3.12+: ``sys.monitoring`` with a free tool id and the events ``PY_START``,
-  ``PY_RESUME``, ``PY_RETURN``, ``PY_YIELD``, ``PY_UNWIND``, ``PY_THROW``, ``JUMP`` and
-  ``CALL``. ``set_events`` instruments the code every thread is executing right away, so a
-  thread spinning in a loop parks at its next backward jump.
+* Python 3.12+: ``sys.monitoring`` with a free tool id and the events ``CALL``, ``JUMP``
+  (loops), ``PY_START`` and ``PY_RESUME`` (frames entered from C: callbacks, generators,
+  asyncio steps). ``set_events`` instruments the code every thread is executing right
+  away, so a thread spinning in a loop parks at its next backward jump.
 * Python 3.11: a C-level trace function installed in every other thread's state with
   ``_PyEval_SetTrace`` (through ctypes; it is what debuggers use to attach), so each
   thread parks at its next ``call``/``line``/``return`` event.
 
 A parked thread blocks on a gate lock without the GIL. A thread blocked in a C call
 (I/O, a lock, ``sleep``) cannot park until it returns; when it does, it runs at most a few
-bytecodes of its current frame before its next event — it can neither enter nor leave a
-function — so its stack, as the checker saw it, stays what it was until the world resumes.
+bytecodes of its current frame before its next event — it cannot enter a function without
+parking first — so the stack the checker saw holds no frame it could start running old
+code in. A thread inside one of the patch's functions is let run until it is out of it
+(``avoid``): stopping it there would only fail the attempt.
 
 While the world is parked the patching thread must not take any lock another thread might
 hold (logging's included) nor run user code, so :func:`parked` disables the garbage
@@ -30,7 +32,7 @@ import gc
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -46,25 +48,49 @@ _gate = _thread.allocate_lock()
 _pause_lock = threading.Lock()
 _active = False
 _patcher = 0
-#: idents of the threads parked right now (dict: atomic under the GIL)
-_parked: dict[int, bool] = {}
+#: ident → pause generation, for the threads parked right now (dict: atomic under the GIL)
+_parked: dict[int, int] = {}
+_generation = 0
 _get_ident = _thread.get_ident
 
 
 def _park() -> None:
     ident = _get_ident()
-    _parked[ident] = True
     try:
-        _gate.acquire()
-        _gate.release()
+        while True:
+            _parked[ident] = _generation
+            _gate.acquire()
+            _gate.release()
+            # woken by the end of a pause; if the next one has already begun, this
+            # thread has not run a bytecode since: stay parked for it too
+            if not _active:
+                break
     finally:
         _parked.pop(ident, None)
 
 
-def _on_event(*args: Any) -> Any:
-    # Runs in every thread at every armed event while a pause is on; returns at once in
-    # the patching thread and whenever no pause is active.
+def _parked_now() -> int:
+    generation = _generation
+    return sum(1 for g in list(_parked.values()) if g == generation)
+
+
+#: id() of code objects a thread should leave before it parks (the patch's functions)
+_avoid: frozenset[int] = frozenset()
+
+
+def _on_start(code: Any, *args: Any) -> Any:
+    # PY_START / PY_RESUME: a frame was just pushed (often by C code: a callback, a
+    # generator driven by a for loop, an asyncio step). Park even inside the patch: the
+    # frame is on the stack, so the check sees it and this attempt fails, safely.
     if _active and _get_ident() != _patcher:
+        _park()
+    return None
+
+
+def _on_step(code: Any, *args: Any) -> Any:
+    # CALL / JUMP: park only outside the patch; a thread inside it runs on until it is
+    # out (its callers' next call or loop), so one busy caller does not fail every attempt.
+    if _active and _get_ident() != _patcher and id(code) not in _avoid:
         _park()
     return None
 
@@ -103,11 +129,10 @@ class _Monitoring:
         else:
             raise PatchError("every sys.monitoring tool id is taken; use model='hybrid'")
         ev = mon.events
-        events = [ev.PY_START, ev.PY_RESUME, ev.PY_RETURN, ev.PY_YIELD, ev.PY_UNWIND,
-                  ev.PY_THROW, ev.JUMP, ev.CALL]
         mask = 0
-        for event in events:
-            mon.register_callback(self.tool, event, _on_event)
+        for event, callback in ((ev.PY_START, _on_start), (ev.PY_RESUME, _on_start),
+                                (ev.CALL, _on_step), (ev.JUMP, _on_step)):
+            mon.register_callback(self.tool, event, callback)
             mask |= event
         mon.set_events(self.tool, mask)
 
@@ -117,8 +142,7 @@ class _Monitoring:
             return
         mon.set_events(self.tool, 0)
         ev = mon.events
-        for event in (ev.PY_START, ev.PY_RESUME, ev.PY_RETURN, ev.PY_YIELD, ev.PY_UNWIND,
-                      ev.PY_THROW, ev.JUMP, ev.CALL):
+        for event in (ev.PY_START, ev.PY_RESUME, ev.CALL, ev.JUMP):
             mon.register_callback(self.tool, event, None)
         mon.free_tool_id(self.tool)
         self.tool = None
@@ -129,9 +153,20 @@ _TRACEFUNC = ctypes.CFUNCTYPE(
 )
 
 
+_PYTRACE_CALL, _PYTRACE_LINE = 0, 2
+
+
 def _trace_cb(obj: Any, frame: Any, what: int, arg: Any) -> int:
-    if _active and _get_ident() != _patcher:
+    # 3.11: "call" as PY_START above; "line" as CALL/JUMP (outside the patch only);
+    # never on "return"/"exception": the caller's next line parks it.
+    if not _active or _get_ident() == _patcher:
+        return 0
+    if what == _PYTRACE_CALL:
         _park()
+    elif what == _PYTRACE_LINE:
+        code = ctypes.cast(frame, ctypes.py_object).value.f_code
+        if id(code) not in _avoid:
+            _park()
     return 0
 
 
@@ -187,14 +222,16 @@ def mechanism() -> str:
 
 
 @contextmanager
-def parked(settle: float = 0.02) -> Iterator[Pause]:
+def parked(settle: float = 0.02, avoid: Iterable[Any] = ()) -> Iterator[Pause]:
     """Park every other thread for the body of the ``with`` block.
 
     Waits up to `settle` seconds for the threads that can run to reach a parking event
     (it stops early once every other thread is parked, or once no more park for a while:
-    the rest are blocked in C calls and cannot change their stacks).
+    the rest are blocked in C calls and cannot change their stacks). Threads executing
+    one of the `avoid` code objects park only once they are out of it (or at the start of
+    a frame), so they are not caught inside the patch when they are about to leave it.
     """
-    global _active, _patcher
+    global _active, _patcher, _avoid, _generation
     pause = Pause(mechanism=mechanism())
     hooks: _Monitoring | _TraceHooks = _Monitoring() if _monitoring is not None else _TraceHooks()
     with _pause_lock:
@@ -203,20 +240,22 @@ def parked(settle: float = 0.02) -> Iterator[Pause]:
         _gate.acquire()
         t0 = time.perf_counter()
         _patcher = _get_ident()
+        _avoid = frozenset(id(c) for c in avoid)
+        _generation += 1
         _active = True
         try:
             hooks.arm()
             pause.others = max(len(sys._current_frames()) - 1, 0)
             stable, last, deadline = 0, -1, t0 + settle
-            while len(_parked) < pause.others and time.perf_counter() < deadline:
+            while _parked_now() < pause.others and time.perf_counter() < deadline:
                 time.sleep(0.0001)  # hand the GIL over: runnable threads reach an event
-                count = len(_parked)
+                count = _parked_now()
                 stable = stable + 1 if count == last else 0
                 last = count
                 if stable >= 4:
                     break
             pause.settle = time.perf_counter() - t0
-            pause.parked = len(_parked)
+            pause.parked = _parked_now()
             yield pause
         finally:
             _active = False
@@ -230,7 +269,7 @@ def parked(settle: float = 0.02) -> Iterator[Pause]:
 
 
 def parked_threads() -> int:
-    return len(_parked)
+    return _parked_now()
 
 
 def other_threads() -> list[threading.Thread]:
