@@ -169,3 +169,61 @@ def test_stop_the_world_pause_does_not_scan_the_heap(env: Env) -> None:
     del heap
     assert m.made(3) == 6
     assert pauses["inner"] < pauses["plain"] + 0.03, pauses
+
+
+SERVER = """
+import threading
+
+RESULTS = []
+STOP = threading.Event()
+
+
+def serve():
+    n = 0
+    while not STOP.is_set():
+        n += 1
+
+        def handle(req):
+            return ("old", req)
+
+        RESULTS.append(handle(n))
+        STOP.wait(0.001)
+"""
+
+
+@pytest.mark.parametrize(
+    "model",
+    [pytest.param(model, marks=pytest.mark.xfail(reason="FINDINGS #29", strict=True))
+     for model in ("immediate", "hybrid")],
+)
+def test_closures_made_by_a_running_enclosing_frame(env: Env, model: str) -> None:
+    """A long-running function keeps defining a nested function (a server loop making a
+    handler per request): once the patch is applied, new handlers run the new code."""
+    m = env.source_module(SERVER, "server")
+    text = """
+        import livepatch
+        patch = livepatch.Patch("handler-fix")
+
+        @patch.function("TARGET_MODULE:serve.<locals>.handle")
+        def handle(req):
+            return ("new", req)
+    """
+    patch = livepatch.load(env.patch_text(text, m))
+    loop = threading.Thread(target=m.serve, daemon=True)
+    loop.start()
+    try:
+        time.sleep(0.05)
+        try:
+            livepatch.apply(patch, model=model, timeout=2)
+        except livepatch.PatchError as exc:
+            # a model may refuse (or not finish) while the enclosing frame runs: but then
+            # it must say so, naming it
+            assert "serve" in str(exc), str(exc)
+            return
+        mark = len(m.RESULTS)
+        time.sleep(0.1)
+        later = [kind for kind, _ in m.RESULTS[mark + 5:]]
+    finally:
+        m.STOP.set()
+        loop.join(5)
+    assert later and set(later) == {"new"}, later[:5]
