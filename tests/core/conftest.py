@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 import livepatch
+from livepatch import redirect
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKEN = "TARGET_MODULE"
@@ -117,6 +118,9 @@ def _no_patch_leaks() -> Iterator[None]:
     leftover = [p.name for p in livepatch.patches()]
     revert_all()
     assert not leftover, f"test left patches applied: {leftover}"
+    # with nothing applied, no function may still be held in a version stack
+    slots = [(s.key, [v.patch for v in s.stack]) for s in redirect.all_slots()]
+    assert not slots, f"version stacks left behind with nothing applied: {slots}"
 
 
 # -- source of v1 definitions, for expect= -------------------------------------------
