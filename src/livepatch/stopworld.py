@@ -42,7 +42,8 @@ from livepatch.errors import PatchError
 _TOOL_NAME = "livepatch-stop"
 _monitoring: Any = getattr(sys, "monitoring", None)
 
-#: held by the patching thread for the length of a pause; parked threads block on it
+#: held by the patching thread for the length of a pause; parked threads block on it.
+#: A fresh lock per pause: threads woken by the end of one pause never queue on the next.
 _gate = _thread.allocate_lock()
 #: serialises pauses (one stopper at a time)
 _pause_lock = threading.Lock()
@@ -58,9 +59,10 @@ def _park() -> None:
     ident = _get_ident()
     try:
         while True:
+            gate = _gate
             _parked[ident] = _generation
-            _gate.acquire()
-            _gate.release()
+            gate.acquire()
+            gate.release()
             # woken by the end of a pause; if the next one has already begun, this
             # thread has not run a bytecode since: stay parked for it too
             if not _active:
@@ -231,13 +233,15 @@ def parked(settle: float = 0.02, avoid: Iterable[Any] = ()) -> Iterator[Pause]:
     one of the `avoid` code objects park only once they are out of it (or at the start of
     a frame), so they are not caught inside the patch when they are about to leave it.
     """
-    global _active, _patcher, _avoid, _generation
+    global _active, _patcher, _avoid, _generation, _gate
     pause = Pause(mechanism=mechanism())
     hooks: _Monitoring | _TraceHooks = _Monitoring() if _monitoring is not None else _TraceHooks()
     with _pause_lock:
         gc_enabled = gc.isenabled()
         gc.disable()
-        _gate.acquire()
+        gate = _thread.allocate_lock()
+        gate.acquire()
+        _gate = gate
         t0 = time.perf_counter()
         _patcher = _get_ident()
         _avoid = frozenset(id(c) for c in avoid)
@@ -259,7 +263,7 @@ def parked(settle: float = 0.02, avoid: Iterable[Any] = ()) -> Iterator[Pause]:
             yield pause
         finally:
             _active = False
-            _gate.release()
+            gate.release()
             try:
                 hooks.disarm()
             finally:
