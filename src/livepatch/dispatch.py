@@ -626,7 +626,8 @@ class Universe:
             self.slow.pop("unbound", None)
 
     def behind(self) -> list[Record]:
-        return [r for r in self.records.values() if r.side != self.goal]
+        # list() copies in one C call: records may be added meanwhile (reverse)
+        return [r for r in list(self.records.values()) if r.side != self.goal]
 
     def switched(self) -> int:
         return self.total - len(self.behind())

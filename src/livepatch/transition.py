@@ -532,11 +532,14 @@ def _update(t: Transition) -> None:
     blockers = [Blocker(r.info.name, list(r.blocking)) for r in u.behind()]
     lingering = u.lingering()
     if lingering:
-        owners = tasks.owner_of(lingering, [r.info for r in u.records.values()])
+        owners = tasks.owner_of(lingering, [r.info for r in list(u.records.values())])
+        behind = {id(r.info.key) for r in u.behind()}
         for obj in lingering:
             owner = owners.get(id(obj))
-            if owner is None or u.records.get(owner.key) is None:
+            if owner is None:
                 blockers.append(Blocker("no task (lingering)", [tasks.describe_gen(obj)]))
+            elif id(owner.key) not in behind:  # switched, but still drives an old one
+                blockers.append(Blocker(owner.name, [tasks.describe_gen(obj)]))
     t.blockers = blockers
     t.tasks_total = u.total
     t.tasks_switched = u.switched()
