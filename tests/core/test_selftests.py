@@ -58,6 +58,11 @@ def test_basic_patch_unpatch(env: Env, m: types.ModuleType) -> None:
     before = time.time()
     t = livepatch.apply(mk(env, m, "basic", {"f": "f1"}), model=IMM)
     assert t.done and t.error is None
+    info = t.to_dict()
+    assert info["patch"] == "basic" and info["direction"] == "patch"
+    assert info["state"] == "complete" and info["model"] == IMM
+    assert info["functions"] == [f"{m.__name__}:f"]
+    assert livepatch.transition() is None  # nothing in flight afterwards
     assert now(m) == ("f1", "g0", "h0")
     (applied,) = livepatch.patches()
     assert applied.name == "basic" and applied.state == "applied"
@@ -308,3 +313,36 @@ def test_plan_of_atomic_replace_says_what_goes_back(env: Env, m: types.ModuleTyp
     for name in (f"{m.__name__}:g", f"{m.__name__}:h", "p1", "p2"):
         assert name in said, (name, said)
     assert now(m) == ("f1", "g1", "h2")
+
+
+_AUDIT: list[tuple[str, tuple[object, ...]]] | None = None
+
+
+def _audit_hook(event: str, args: tuple[object, ...]) -> None:
+    if _AUDIT is not None and event.startswith("livepatch."):
+        _AUDIT.append((event, args))
+
+
+def test_audit_events_for_apply_revert_and_refusal(env: Env, m: types.ModuleType) -> None:
+    global _AUDIT
+    if not getattr(sys, "_lpcore_audit_installed", False):
+        sys.addaudithook(_audit_hook)  # cannot be removed: it records only while _AUDIT is set
+        sys._lpcore_audit_installed = True  # type: ignore[attr-defined]
+    _AUDIT = []
+    try:
+        patch = mk(env, m, "audited", {"f": "f1"})
+        livepatch.apply(patch, model=IMM)
+        livepatch.revert("audited", model=IMM)
+        bad = mk(env, m, "refused-one", {"nothing": "x"})
+        with pytest.raises(livepatch.TargetNotFound):
+            livepatch.apply(bad, model=IMM)
+        events = list(_AUDIT)
+    finally:
+        _AUDIT = None
+    kinds = [e for e, _ in events]
+    assert kinds == ["livepatch.apply", "livepatch.revert", "livepatch.refused"], events
+    assert events[0][1][0] == "audited" and events[0][1][1] == patch.sha256
+    assert events[1][1][0] == "audited"
+    refused = events[2][1]
+    assert refused[0] == "refused-one" and "target-not-found" in refused
+    assert any("nothing" in str(a) for a in refused)
