@@ -102,9 +102,11 @@ def test_identity_patch_of_tricky_constructs(env: Env) -> None:
     unverified = [c.target for c in plan.changes if not c.verified]
     assert not unverified, unverified
     livepatch.apply(patch, model=IMM)
-    for qualname in TARGETS:  # the new code really is installed
+    for qualname in TARGETS:  # the new code really is installed, and is what v1 compiles to
         code = function_of(m, qualname).__code__
         assert "[livepatch tricky-identity]" in code.co_filename, qualname
+        assert livepatch.fingerprint(code) == livepatch.fingerprint(
+            function_of(twin, qualname).__code__), qualname
     assert behaviour(m) == behaviour(twin)
     # globals are the target's, not the patch file's
     before = (m.COUNTER, twin.COUNTER)
