@@ -23,7 +23,8 @@ TARGETS = [
     "imports_used", "lambdas_inside", "async_stuff", "_agen", "Base.greet",
     "Tricky.__init__", "Tricky.mangled_in_comprehension", "Tricky.super_in_comprehension",
     "Tricky.class_cell_in_lambda", "Tricky.closure_over_self", "Tricky.make",
-    "Tricky.static", "Tricky.first", "Tricky.generator", "factory",
+    "Tricky.static", "Tricky.first", "Tricky.generator", "Tricky.Inner.reveal",
+    "local_import", "lambda_defaults", "nested_global", "try_finally_gen", "factory",
     "factory.<locals>.adder", "factory.<locals>.counter",
 ]
 
@@ -64,6 +65,10 @@ def behaviour(m: types.ModuleType) -> list[Any]:
         lambda: t.static(7),
         lambda: t.first,
         lambda: list(t.generator()),
+        lambda: m.Tricky.Inner().reveal(),
+        lambda: m.local_import(3),
+        lambda: m.lambda_defaults(3),
+        lambda: list(m.try_finally_gen(2)),
         lambda: m.made_adder(1),
         lambda: m.factory(1)[0](1),
     ]
