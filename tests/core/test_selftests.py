@@ -3,6 +3,7 @@ patch/unpatch, stacked patches, atomic replace, callbacks and their pairing, sta
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 import types
@@ -346,3 +347,65 @@ def test_audit_events_for_apply_revert_and_refusal(env: Env, m: types.ModuleType
     refused = events[2][1]
     assert refused[0] == "refused-one" and "target-not-found" in refused
     assert any("nothing" in str(a) for a in refused)
+
+
+def test_reverted_patch_does_not_keep_target_alive(env: Env) -> None:
+    import gc
+    import weakref
+
+    m = env.source_module(TARGET, "leak")
+    patch = mk(env, m, "leaky", {"f": "f1", "g": "g1"})
+    livepatch.apply(patch, model=IMM)
+    livepatch.revert("leaky", model=IMM)
+    refs = [weakref.ref(m), weakref.ref(m.f), weakref.ref(m.g)]
+    name = m.__name__
+    del m, patch
+    sys.modules.pop(name)
+    env.modules.remove(name)
+    gc.collect()
+    alive = [r() for r in refs if r() is not None]
+    assert not alive, [getattr(a, "__name__", a) for a in alive]
+
+
+def test_reverted_nested_patch_does_not_keep_target_alive(env: Env) -> None:
+    import gc
+    import weakref
+
+    m = env.source_module(
+        "def outer(k):\n    def inner(x):\n        return x * k\n    return inner\n\n"
+        "made = outer(2)\n",
+        "leak_nested",
+    )
+    text = """
+        import livepatch
+        patch = livepatch.Patch("leaky-nested")
+
+        @patch.function("TARGET_MODULE:outer.<locals>.inner")
+        def inner(x):
+            return x * k + 1
+    """
+    livepatch.apply(livepatch.load(env.patch_text(text, m)), model=IMM)
+    assert m.made(1) == 3
+    livepatch.revert("leaky-nested", model=IMM)
+    refs = [weakref.ref(m), weakref.ref(m.outer), weakref.ref(m.made)]
+    name = m.__name__
+    del m
+    sys.modules.pop(name)
+    env.modules.remove(name)
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+@pytest.mark.xfail(reason="FINDINGS #31", strict=True)
+def test_log_records_do_not_hold_exceptions(env: Env, m: types.ModuleType,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    """A refusal is logged; a buffering handler (MemoryHandler, a queue, pytest's capture)
+    keeps the record. Its args must not hold the exception: its traceback holds the
+    engine's frames, and they hold the target module and functions."""
+    refused = livepatch.Patch("refused")
+    refused.new(f"{m.__name__}:f", 1)
+    with caplog.at_level(logging.INFO, logger="livepatch"):
+        with pytest.raises(livepatch.UnsafeChange):
+            livepatch.apply(refused, model=IMM)
+    held = [a for r in caplog.records for a in (r.args or ()) if isinstance(a, BaseException)]
+    assert not held, held
