@@ -313,6 +313,8 @@ class Universe:
         self.total = 0
         self.installed = False
         self._signalled: set[int] = set()  # loops with a pending _loop_safepoint
+        #: thread ident → how many records on it are behind (keeps switch() O(1))
+        self._behind_count: dict[int, int] = {}
         for change in changes:
             self.sides[id(change.old.code)] = OLD
             self.sides[id(change.new.code)] = NEW
@@ -447,7 +449,15 @@ class Universe:
             if rec.side != self.goal:
                 rec.side = self.goal
                 rec.blocking = []
-                self._recompute_behind()
+                thread = rec.info.thread
+                count = self._behind_count.get(thread, 0) - 1 if thread is not None else -1
+                if thread is None:
+                    self._recompute_behind()
+                elif count > 0:
+                    self._behind_count[thread] = count
+                else:  # O(1): a thousand tasks switching one by one must not cost O(n²)
+                    self._behind_count.pop(thread, None)
+                    self.behind_threads.discard(thread)
             return self.goal
 
     def _clean(self, frame: FrameType | None) -> bool:
@@ -610,13 +620,17 @@ class Universe:
 
     def _recompute_behind(self) -> None:
         behind = set()
+        counts: dict[int, int] = {}
         unbound = False
         for rec in self.records.values():
             if rec.side != self.goal:
-                if rec.info.thread is None:
+                thread = rec.info.thread
+                if thread is None:
                     unbound = True
                 else:
-                    behind.add(rec.info.thread)
+                    behind.add(thread)
+                    counts[thread] = counts.get(thread, 0) + 1
+        self._behind_count = counts
         if unbound:
             self.slow["unbound"] = True
         # add first, then drop: a thread that must stay behind is never missing
