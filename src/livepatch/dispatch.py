@@ -85,10 +85,20 @@ def _sweep_tombstones() -> None:
         holder.pop(name, None)
 
 
-def yield_gil() -> None:
-    """Let waiting threads run: long loops of the patching thread call this every few
-    hundred microseconds, so no thread waits the whole 5 ms switch interval."""
-    time.sleep(0)
+class Yielder:
+    """Lets waiting threads run once per `every` seconds of a long loop of the patching
+    thread, so no thread waits the whole 5 ms switch interval for the GIL (and the loop
+    does not pay a hand-over per item when many threads are runnable)."""
+
+    def __init__(self, every: float = 0.001) -> None:
+        self.every = every
+        self.last = time.perf_counter()
+
+    def __call__(self) -> None:
+        now = time.perf_counter()
+        if now - self.last >= self.every:
+            time.sleep(0)
+            self.last = time.perf_counter()
 
 _templates: dict[tuple[Any, ...], CodeType] = {}
 _templates_lock = threading.Lock()
@@ -332,11 +342,11 @@ class Universe:
         with self.lock:
             self.slow["installing"] = True
             try:
-                for i, change in enumerate(self.changes):
+                pace = Yielder()
+                for change in self.changes:
                     for func in change.slot.funcs:
                         self._install_one(func, change.old, change.new)
-                    if i % 16 == 15:
-                        yield_gil()
+                    pace()
                 self.installed = True
                 caller = tasks.current_key()
                 for info in tasks.all_tasks():
@@ -542,9 +552,9 @@ class Universe:
         sides = self.sides
         with self.lock:
             snapshot = sys._current_frames()
-            for i, (key, rec) in enumerate(list(self.records.items())):
-                if i % 64 == 63:
-                    yield_gil()
+            pace = Yielder()
+            for key, rec in list(self.records.items()):
+                pace()
                 if rec.side == self.goal:
                     continue
                 if not tasks.is_alive(rec.info, snapshot):
