@@ -231,3 +231,21 @@ def test_patched_code_is_what_v2_compiles_to(env: Env, scenario: str) -> None:
         live = locate.resolve(spec.target).code
         want = locate.resolve(f"{v2.__name__}:{qualname}").code
         assert livepatch.fingerprint(live) == livepatch.fingerprint(want), spec.target
+
+
+@pytest.mark.parametrize(
+    "expect",
+    ["def price(n:\n    return 1\n", "def price(n):\n    return n\n\ndef other():\n    pass\n",
+     "x = 1\n", "sha256:nothex", ""],
+    ids=["syntax", "two-defs", "no-def", "bad-fingerprint", "empty"],
+)
+def test_malformed_expect_is_refused_with_the_target(env: Env, expect: str) -> None:
+    m = env.module("plain_body")
+    patch = env.patch("plain_body", m)
+    patch.functions[0].expect = expect
+    with pytest.raises(livepatch.PatchError) as info:
+        livepatch.apply(patch, model=IMM)
+    message = str(info.value)
+    assert f"{m.__name__}:price" in message or "price" in message, message
+    assert "\n" not in message
+    assert m.price(1) == 10 and livepatch.patches() == []
