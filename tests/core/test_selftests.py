@@ -409,3 +409,40 @@ def test_log_records_do_not_hold_exceptions(env: Env, m: types.ModuleType,
             livepatch.apply(refused, model=IMM)
     held = [a for r in caplog.records for a in (r.args or ()) if isinstance(a, BaseException)]
     assert not held, held
+
+
+@pytest.mark.xfail(reason="FINDINGS #32", strict=True)
+def test_revert_of_a_patch_whose_helper_a_later_patch_uses(env: Env,
+                                                          m: types.ModuleType) -> None:
+    """fix-2 (applied on top) calls a helper fix-1 added. Reverting fix-1 alone must not
+    leave fix-2's code calling a name that is gone: refuse, or keep it working."""
+    first = """
+        import livepatch
+        patch = livepatch.Patch("fix-1")
+
+        @patch.new("TARGET_MODULE:_suffix")
+        def _suffix(s):
+            return s + "!"
+
+        @patch.function("TARGET_MODULE:f")
+        def f():
+            return _suffix("f1")
+    """
+    second = """
+        import livepatch
+        patch = livepatch.Patch("fix-2")
+
+        @patch.function("TARGET_MODULE:g")
+        def g():
+            return _suffix("g2")
+    """
+    livepatch.apply(livepatch.load(env.patch_text(first, m)), model=IMM)
+    livepatch.apply(livepatch.load(env.patch_text(second, m)), model=IMM)
+    assert (m.f(), m.g()) == ("f1!", "g2!")
+    try:
+        livepatch.revert("fix-1", model=IMM)
+    except livepatch.PatchError as exc:
+        assert "fix-2" in str(exc) and "_suffix" in str(exc), str(exc)
+        assert (m.f(), m.g()) == ("f1!", "g2!")
+        return
+    assert m.g() == "g2!"  # still works after fix-1 is gone
