@@ -446,3 +446,15 @@ def test_revert_of_a_patch_whose_helper_a_later_patch_uses(env: Env,
         assert (m.f(), m.g()) == ("f1!", "g2!")
         return
     assert m.g() == "g2!"  # still works after fix-1 is gone
+
+
+def test_empty_cumulative_patch_reverts_everything(env: Env, m: types.ModuleType) -> None:
+    """The kernel's way to drop every livepatch at once: an atomic replace naming nothing."""
+    livepatch.apply(mk(env, m, "p1", {"f": "f1", "g": "g1"}, states={"fmt": 1}), model=IMM)
+    livepatch.apply(mk(env, m, "p2", {"h": "h2"}), model=IMM)
+    empty = mk(env, m, "nothing", {}, cumulative=True, states={"fmt": 1})
+    livepatch.apply(empty, model=IMM)
+    assert now(m) == ("f0", "g0", "h0")
+    assert names() == ["nothing"]
+    livepatch.revert("nothing", model=IMM)
+    assert livepatch.patches() == []
