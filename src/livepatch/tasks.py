@@ -92,12 +92,18 @@ def thread_names() -> dict[int, str]:
     return {t.ident: t.name for t in threading.enumerate() if t.ident is not None}
 
 
+#: livepatch's own threads (agent, transition workers) are named so; they run no patched
+#: code, like the kernel's own threads, and are not tasks to switch
+OWN_THREAD_PREFIX = "livepatch-"
+
+
 def all_tasks() -> list[TaskInfo]:
-    """Every live thread and every pending asyncio Task."""
+    """Every live thread (but livepatch's own) and every pending asyncio Task."""
     names = thread_names()
     out = [
         TaskInfo(ident, f"thread {names.get(ident, '?')} ({ident})", ident)
         for ident in sys._current_frames()
+        if not names.get(ident, "").startswith(OWN_THREAD_PREFIX)
     ]
     for task in _asyncio_tasks():
         out.append(TaskInfo(task, f"task {task.get_name()}", loop_thread(task.get_loop())))
