@@ -227,3 +227,58 @@ def test_closures_made_by_a_running_enclosing_frame(env: Env, model: str) -> Non
         m.STOP.set()
         loop.join(5)
     assert later and set(later) == {"new"}, later[:5]
+
+
+def test_racing_cumulative_and_plain_patches_stay_consistent(env: Env) -> None:
+    """Threads apply and revert plain and cumulative patches over the same functions; the
+    end state matches the applied list (newest covering patch wins, else original)."""
+    import random
+
+    m = env.source_module(
+        "def f0():\n    return 'orig'\n\ndef f1():\n    return 'orig'\n\n"
+        "def f2():\n    return 'orig'\n",
+        "racing",
+    )
+    covers = {"P0": ("f0", "f1"), "P1": ("f1", "f2"), "P2": ("f2",), "C0": ("f0",),
+              "C1": ("f1", "f2")}
+    patches = {}
+    for name, funcs in covers.items():
+        lines = ["import livepatch",
+                 f"patch = livepatch.Patch({name!r}, cumulative={name.startswith('C')})"]
+        for fn in funcs:
+            lines += [f"@patch.function('TARGET_MODULE:{fn}')", f"def {fn}():",
+                      f"    return {name!r}", ""]
+        patches[name] = livepatch.load(env.patch_text("\n".join(lines), m, f"{name}.py"))
+    errors: list[BaseException] = []
+
+    def churn(name: str, seed: int) -> None:
+        rnd = random.Random(seed)
+        try:
+            for _ in range(25):
+                try:
+                    livepatch.apply(patches[name], model="immediate")
+                except livepatch.AlreadyApplied:
+                    pass
+                time.sleep(rnd.random() * 0.002)
+                if rnd.random() < 0.6:
+                    try:
+                        livepatch.revert(name, model="immediate")
+                    except livepatch.NotApplied:
+                        pass  # superseded by a cumulative patch meanwhile
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=churn, args=(n, i)) for i, n in enumerate(covers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    applied = [p.name for p in livepatch.patches()]
+    for fn in ("f0", "f1", "f2"):
+        covering = [n for n in applied if fn in covers[n]]
+        want = covering[-1] if covering else "orig"
+        assert getattr(m, fn)() == want, (fn, applied)
+    cumulative = [n for n in applied if n.startswith("C")]
+    if cumulative:  # an atomic replace supersedes everything applied before it
+        assert applied.index(cumulative[-1]) == 0, applied
