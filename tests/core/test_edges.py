@@ -843,3 +843,61 @@ def test_dataclass_generated_init(env: Env) -> None:
     livepatch.revert("dc-init", model=IMM)
     assert m.Point(-1).x == -1
     assert m.Point(3).tags == []
+
+
+def test_enum_abc_and_implicit_classmethods(env: Env) -> None:
+    m = env.source_module(
+        """
+        import abc
+        import enum
+
+        class Color(enum.Enum):
+            RED = 1
+            BLUE = 2
+
+            def describe(self):
+                return f"{self.name}={self.value}"
+
+        class Shape(abc.ABC):
+            registry = []
+
+            def __init_subclass__(cls, **kw):
+                super().__init_subclass__(**kw)
+                Shape.registry.append(cls.__name__)
+
+            @abc.abstractmethod
+            def area(self):
+                return 0
+
+        class Square(Shape):
+            def area(self):
+                return super().area() + 4
+        """,
+        "misc",
+    )
+    text = """
+        import livepatch
+        patch = livepatch.Patch("misc")
+
+        @patch.function("TARGET_MODULE:Color.describe")
+        def describe(self):
+            return f"{self.name.lower()}:{self.value}"
+
+        @patch.function("TARGET_MODULE:Shape.__init_subclass__")
+        def __init_subclass__(cls, **kw):
+            super().__init_subclass__(**kw)
+            Shape.registry.append(cls.__name__.upper())
+
+        @patch.function("TARGET_MODULE:Shape.area")
+        def area(self):
+            return 10
+    """
+    livepatch.apply(livepatch.load(env.patch_text(text, m)), model=IMM)
+    assert m.Color.RED.describe() == "red:1"
+    assert m.Square().area() == 14
+    assert type("Tri", (m.Shape,), {"area": lambda self: 1}).__name__ == "Tri"
+    assert m.Shape.registry == ["Square", "TRI"]
+    assert m.Shape.area.__isabstractmethod__
+    livepatch.revert("misc", model=IMM)
+    assert m.Color.BLUE.describe() == "BLUE=2"
+    assert m.Square().area() == 4
