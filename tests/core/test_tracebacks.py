@@ -200,3 +200,14 @@ def test_reapplied_edited_patch_shows_its_new_lines(env: Env, m: types.ModuleTyp
     frame = last_frame(info.value)
     assert frame.lineno == line_of(path, "SECOND")
     assert frame.line is not None and "SECOND" in frame.line, frame.line
+
+
+def test_inspect_getsource_shows_the_replacement(env: Env, m: types.ModuleType) -> None:
+    import inspect
+
+    path = env.patch_text(PATCH.replace("NAME", "getsource"), m)
+    livepatch.apply(livepatch.load(path), model=IMM)
+    source = inspect.getsource(m.Cart.add)
+    assert "METHOD-RAISE" in source and source.lstrip().startswith(("@patch", "def add"))
+    livepatch.revert("getsource", model=IMM)
+    assert "METHOD-RAISE" not in inspect.getsource(m.Cart.add)
