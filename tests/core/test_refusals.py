@@ -495,3 +495,30 @@ def test_patch_file_with_coding_cookie_loads(tmp_path: Path) -> None:
         b"patch = livepatch.Patch('latin', description='caf\xe9')\n"
     )
     assert livepatch.load(path).description == "caf\u00e9"
+
+
+@pytest.mark.xfail(reason="FINDINGS #33", strict=True)
+def test_replacement_using_a_patch_file_global_is_caught(env: Env, m: types.ModuleType) -> None:
+    """A common mistake: the replacement calls a helper (or an import) defined in the patch
+    file without patch.new. Replacements run with the target's globals, so the first call
+    would raise NameError in production: plan/apply must say so before anything changes."""
+    text = """
+        import re
+        import livepatch
+        patch = livepatch.Patch("uses-patch-globals")
+
+        def _helper(x):
+            return x * 2
+
+        @patch.function("TARGET_MODULE:plain")
+        def plain(x):
+            return _helper(x) + len(re.findall("a", "aa"))
+    """
+    patch = livepatch.load(env.patch_text(text, m))
+    try:
+        plan = livepatch.plan(patch)
+    except livepatch.PatchError as exc:
+        assert "_helper" in str(exc) and "re" in str(exc), str(exc)
+        return
+    said = plan.changes[0].note + " ".join(plan.notes)
+    assert "_helper" in said and "patch.new" in said, said
