@@ -35,6 +35,17 @@ class SlottedWeak:
     __slots__ = ("v", "__weakref__")
 
 
+class EqRaises:
+    """Unhashable, comparisons raise: shadow must key by identity only."""
+
+    __slots__ = ("__weakref__",)
+
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("no comparisons")
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 def test_get_alloc_free() -> None:
     obj = Plain()
     assert shadow.get(obj, "a") is None
@@ -83,8 +94,10 @@ def test_free_all() -> None:
 @pytest.mark.parametrize(
     "make",
     [Slotted, SlottedWeak, object, lambda: 12345678901234567890, lambda: (1, "t"),
-     lambda: frozenset({1}), lambda: "some string", lambda: b"bytes"],
-    ids=["slotted", "slotted-weakref", "object", "int", "tuple", "frozenset", "str", "bytes"],
+     lambda: frozenset({1}), lambda: "some string", lambda: b"bytes", lambda: [1],
+     lambda: {"k": 1}, lambda: EqRaises()],
+    ids=["slotted", "slotted-weakref", "object", "int", "tuple", "frozenset", "str", "bytes",
+         "list", "dict", "eq-raises"],
 )
 def test_any_object(make: Any) -> None:
     obj = make()
