@@ -901,3 +901,34 @@ def test_enum_abc_and_implicit_classmethods(env: Env) -> None:
     livepatch.revert("misc", model=IMM)
     assert m.Color.BLUE.describe() == "BLUE=2"
     assert m.Square().area() == 4
+
+
+def test_click_command_callback(env: Env) -> None:
+    """A real class-based decorator: click keeps the function as Command.callback."""
+    from click.testing import CliRunner
+
+    m = env.source_module(
+        """
+        import click
+
+        @click.command()
+        @click.option("--n", default=1)
+        def cli(n):
+            click.echo(f"old {n}")
+        """,
+        "clicky",
+    )
+    text = """
+        import livepatch
+        patch = livepatch.Patch("click")
+
+        @patch.function("TARGET_MODULE:cli")
+        def cli(n):
+            click.echo(f"new {n * 2}")
+    """
+    runner = CliRunner()
+    assert runner.invoke(m.cli, ["--n", "2"]).output == "old 2\n"
+    livepatch.apply(livepatch.load(env.patch_text(text, m)), model=IMM)
+    assert runner.invoke(m.cli, ["--n", "2"]).output == "new 4\n"  # options still parsed
+    livepatch.revert("click", model=IMM)
+    assert runner.invoke(m.cli, ["--n", "2"]).output == "old 2\n"
