@@ -18,6 +18,7 @@ caller waits for a transition. Read-only views (:func:`patches`) take it briefly
 from __future__ import annotations
 
 import ast
+import builtins
 import copy
 import dis
 import linecache
@@ -212,6 +213,7 @@ class _Prepared:
     spec: FunctionSpec
     slot: Slot
     version: Version
+    module: types.ModuleType
 
 
 @dataclass(eq=False)
@@ -256,13 +258,71 @@ def _plan(patch: Patch) -> Plan:
         result.changes.append(change)
     superseded = {r.patch.name for r in _applied} if patch.cumulative else set()
     result.added = [_prepare_new(patch, spec, superseded) for spec in patch.news]
+    _check_globals(patch, result)
     _check_states(patch)
+    if patch.cumulative:
+        _describe_replace(result)
     if any(not c.verified for c in result.changes):
         result.notes.append(
             "some functions were not verified (no expect=): the patch trusts that the live "
             "code is what it was written against"
         )
     return result
+
+
+def _describe_replace(the_plan: Plan) -> None:
+    """Atomic replace: say what goes back to its original code and what disappears."""
+    named = {id(p.slot) for p in the_plan.prepared}
+    for slot in _slots_of(list(_applied)):
+        if id(slot) not in named and slot.stack:
+            owners = ", ".join(v.patch or "" for v in slot.stack)
+            the_plan.changes.append(
+                PlannedChange(slot.key, True, f"back to original (atomic replace supersedes "
+                                              f"{owners})")
+            )
+    if _applied:
+        the_plan.notes.append(
+            "supersedes " + ", ".join(r.patch.name for r in _applied)
+            + " (their unpatch callbacks do not run)"
+        )
+    kept = {(id(a.holder), a.name) for a in the_plan.added}
+    dropped = [a.target for r in _applied for a in r.added if (id(a.holder), a.name) not in kept]
+    if dropped:
+        the_plan.notes.append("removes helpers " + ", ".join(dropped))
+
+
+def _check_globals(patch: Patch, the_plan: Plan) -> None:
+    """New code runs with the target module's globals. A name it needs that the module
+    lacks raises NameError on the first call in production — most often a helper or an
+    import written in the patch file without patch.new. Say so in the plan and the log.
+
+    A warning, not a refusal: a pre_patch callback may bind the name (the builder binds
+    ``from x import y`` names that way), and plan cannot know that.
+    """
+    home = patch._home
+    for index, prepared in enumerate(the_plan.prepared):
+        module = prepared.module
+        added = {a.name for a in the_plan.added if a.holder is module}
+        missing = sorted(
+            n for n in _global_names(prepared.version.code)
+            if n not in module.__dict__ and n not in added and not hasattr(builtins, n)
+        )
+        if not missing:
+            continue
+        from_patch = [n for n in missing if n in home]
+        note = f"uses {', '.join(missing)}, which {module.__name__} does not define"
+        if from_patch:
+            first = from_patch[0]
+            note += (
+                f" ({', '.join(from_patch)} from the patch file: replacements run with the "
+                f"target's globals — bring it in with patch.new('{module.__name__}:{first}', "
+                f"{first}) or @patch.new over its def)"
+            )
+        log.warning("livepatch: %s: %s %s", patch.name, prepared.spec.target, note)
+        change = the_plan.changes[index]
+        the_plan.changes[index] = PlannedChange(
+            change.target, change.verified, f"{change.note}; {note}"
+        )
 
 
 def _ident(slot: Slot) -> Any:
@@ -328,7 +388,7 @@ def _prepare(patch: Patch, spec: FunctionSpec) -> tuple[_Prepared, PlannedChange
         log.warning("livepatch: %s: %s", patch.name, target.warning)
     if _signature(code) != _signature(live):
         note += "; the signature changed: callers that bind arguments the old way may break"
-    return _Prepared(spec, slot, version), PlannedChange(spec.target, verified, note)
+    return _Prepared(spec, slot, version, target.module), PlannedChange(spec.target, verified, note)
 
 
 def _refuse_nested_defaults(
@@ -441,10 +501,10 @@ def _verify(spec: FunctionSpec, ctx: codegen.Context, slot: Slot) -> tuple[bool,
     live = slot.effective()
     candidates = [live] if not slot.stack else [live, slot.original]
     if is_fingerprint(expect.strip()):
-        if any(_fingerprint_of(v) == expect.strip() for v in candidates):
+        if any(_fingerprint_of(v, slot) == expect.strip() for v in candidates):
             return True, "verified by fingerprint"
         raise FingerprintMismatch(
-            f"{spec.target}: live code fingerprint {_fingerprint_of(live)} is not the "
+            f"{spec.target}: live code fingerprint {_fingerprint_of(live, slot)} is not the "
             f"expected {expect.strip()}; rebuild the patch from the source this process runs"
         )
     node = codegen.parse_def(expect, f"expect of {spec.target}")
@@ -471,10 +531,15 @@ def _verify(spec: FunctionSpec, ctx: codegen.Context, slot: Slot) -> tuple[bool,
     return True, "verified against expected source"
 
 
-def _fingerprint_of(version: Version) -> str:
-    if version.defaults is KEEP:
-        return fingerprint(version.code)
-    return fingerprint(version.code, version.defaults, version.kwdefaults)
+def _fingerprint_of(version: Version, slot: Slot) -> str:
+    """The fingerprint `livepatch.fingerprint(function)` gives for a function running
+    `version` (for nested targets: with the defaults its closure instances carry)."""
+    defaults, kwdefaults = version.defaults, version.kwdefaults
+    if defaults is KEEP:
+        first = slot.funcs[0] if slot.funcs else None
+        defaults = first.__defaults__ if first else None
+        kwdefaults = first.__kwdefaults__ if first else None
+    return fingerprint(version.code, defaults, kwdefaults)
 
 
 def defaults_match(node: codegen.FunctionNode, version: Version) -> bool:
@@ -836,6 +901,7 @@ def revert(
         else:
             _refuse_if_busy(name)
             try:
+                _refuse_if_needed(record)
                 _run_callbacks(record.patch, "pre_unpatch", veto=True)
             except PatchError as exc:
                 _refused(record.patch, "revert", exc)
@@ -861,6 +927,37 @@ def revert(
     if wait:
         t.wait()
     return t
+
+
+def _refuse_if_needed(record: _Record) -> None:
+    """Refuse to remove a helper that the code of another applied patch calls."""
+    removed = {
+        (id(a.holder.__dict__), a.name): a
+        for a in record.added
+        if a.previous is _MISSING and isinstance(a.holder, types.ModuleType)
+    }
+    if not removed:
+        return
+    for other in _applied:
+        if other is record:
+            continue
+        users: list[tuple[types.CodeType, dict[str, Any]]] = []
+        for slot in other.slots:
+            version = slot.version_of(other.patch.name)
+            if version is not None and slot.funcs:
+                users.append((version.code, slot.funcs[0].__globals__))
+        for a in other.added:
+            if isinstance(a.value, types.FunctionType):
+                users.append((a.value.__code__, a.value.__globals__))
+        for code, globals_ in users:
+            for name in _global_names(code):
+                added = removed.get((id(globals_), name))
+                if added is not None:
+                    raise PatchError(
+                        f"{other.patch.name} uses {added.target}, added by "
+                        f"{record.patch.name}; revert {other.patch.name} first, or replace "
+                        "both with a cumulative patch"
+                    )
 
 
 class _RevertHooks:
@@ -914,5 +1011,7 @@ def _run_callbacks(patch: Patch, kind: str, *, veto: bool) -> list[str]:
 
 
 def _refused(patch: Patch, action: str, exc: PatchError) -> None:
-    log.warning("livepatch: %s: %s refused: %s", patch.name, action, exc)
+    # the message, not the exception: a handler keeping records would keep its traceback
+    # and with it the target module and the patch alive
+    log.warning("livepatch: %s: %s refused (%s): %s", patch.name, action, exc.code, str(exc))
     sys.audit("livepatch.refused", patch.name, action, exc.code, str(exc))

@@ -25,6 +25,7 @@ import hashlib
 import linecache
 import os
 import sys
+import tokenize
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -212,10 +213,15 @@ def load(path: str | os.PathLike[str]) -> Patch:
     """Load a patch file: run it in a fresh namespace and return its one Patch."""
     file = Path(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        with file.open("rb") as stream:
+            # decode as Python would: a UTF-8 byte-order mark, or a PEP 263 coding cookie
+            encoding, _ = tokenize.detect_encoding(stream.readline)
+            stream.seek(0)
+            text = stream.read().decode(encoding)
+        text = text.removeprefix("\ufeff")
     except FileNotFoundError:
         raise PatchFileError(f"patch file {str(file)!r} does not exist; check the path") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, SyntaxError, LookupError) as exc:
         raise PatchFileError(f"cannot read patch file {str(file)!r}: {exc}") from None
     return loads(text, filename=str(file.resolve()))
 

@@ -48,6 +48,8 @@ class _Entry:
     value: Any = None
     #: set while a factory runs; waiters block on it
     pending: threading.Event | None = field(default_factory=lambda: None)
+    #: the thread running the factory (a re-entrant request from it would wait forever)
+    owner: int | None = None
 
 
 @dataclass(eq=False)
@@ -143,11 +145,16 @@ def get_or_alloc(obj: Any, id: Hashable, factory: Callable[[], T]) -> T:
             assert anchor is not None
             entry = anchor.entries.get(id)
             if entry is None:
-                entry = _Entry(pending=threading.Event())
+                entry = _Entry(pending=threading.Event(), owner=threading.get_ident())
                 anchor.entries[id] = entry
                 mine = True
             else:
                 mine = False
+                if entry.pending is not None and entry.owner == threading.get_ident():
+                    raise RuntimeError(
+                        f"shadow variable {id!r} requested again by its own factory; "
+                        "the factory must not ask for the value it is creating"
+                    )
             pending = entry.pending
         if not mine:
             if pending is not None:
@@ -205,8 +212,16 @@ def free_all(id: Hashable, destructor: Callable[[Any], Any] | None = None) -> in
                 released.append(_anchors.pop(key))
     del released
     if destructor is not None:
+        # every detached value gets its destructor, even if one fails (the others would
+        # be unreachable, and leak); the first failure is raised at the end
+        failure: BaseException | None = None
         for entry in freed:
-            destructor(entry.value)
+            try:
+                destructor(entry.value)
+            except Exception as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
     return len(freed)
 
 
