@@ -383,12 +383,33 @@ def _prepare(patch: Patch, spec: FunctionSpec) -> tuple[_Prepared, PlannedChange
         version = Version(code, spec.replacement.__defaults__, kwdefaults, patch.name)
 
     verified, note = _verify(spec, ctx, slot)
+    if target.nested:
+        running = _running_enclosing(slot)
+        if running:
+            target.warning = (
+                f"{running} running now; closures it creates keep the old code until it "
+                "returns (its frame runs the code it started with)"
+            )
     if target.warning:
         note += "; " + target.warning
         log.warning("livepatch: %s: %s", patch.name, target.warning)
     if _signature(code) != _signature(live):
         note += "; the signature changed: callers that bind arguments the old way may break"
     return _Prepared(spec, slot, version, target.module), PlannedChange(spec.target, verified, note)
+
+
+def _running_enclosing(slot: Slot) -> str | None:
+    """A thread running an enclosing function of a nested target, if any."""
+    codes = {id(outer.__code__) for outer in slot.outers}
+    codes |= {id(c) for outer in slot.outers
+              if (s := redirect.slot_for(("func", id(outer)))) for c in s.seen.values()}
+    for ident, frame in sys._current_frames().items():
+        current: Any = frame
+        while current is not None:
+            if id(current.f_code) in codes:
+                return f"{current.f_code.co_qualname} is (thread {ident})"
+            current = current.f_back
+    return None
 
 
 def _refuse_nested_defaults(
