@@ -29,8 +29,9 @@ test: venv
 demo: venv
 	.venv/bin/python -m livepatch.demo
 
+# benchmarks print ratios measured side by side in one run; README lists their figures
 bench: venv
-	.venv/bin/python benchmarks/run_all.py
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; .venv/bin/python $$b || exit 1; done
 
 clean:
 	rm -rf .venv .venv-3.* build dist src/*.egg-info .mypy_cache .pytest_cache .ruff_cache
