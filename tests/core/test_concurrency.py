@@ -282,3 +282,60 @@ def test_racing_cumulative_and_plain_patches_stay_consistent(env: Env) -> None:
     cumulative = [n for n in applied if n.startswith("C")]
     if cumulative:  # an atomic replace supersedes everything applied before it
         assert applied.index(cumulative[-1]) == 0, applied
+
+
+TRACED = """
+def f():
+    return 1
+"""
+
+
+@pytest.mark.parametrize(
+    "model",
+    ["immediate", "hybrid",
+     pytest.param("stop", marks=pytest.mark.xfail(sys.version_info < (3, 12),
+                                                  reason="FINDINGS #34", strict=True))],
+)
+def test_trace_functions_survive_a_patch(env: Env, model: str) -> None:
+    """Coverage tools and debuggers use sys.settrace: a patch must leave the trace
+    functions of every thread as they were."""
+    m = env.source_module(TRACED, "traced")
+    text = """
+        import livepatch
+        patch = livepatch.Patch("NAME")
+
+        @patch.function("TARGET_MODULE:f")
+        def f():
+            return 2
+    """
+    patch = livepatch.load(env.patch_text(text.replace("NAME", f"traced-{model}"), m))
+
+    def tracer(frame: types.FrameType, event: str, arg: object) -> None:
+        return None
+
+    stop = threading.Event()
+    kept: dict[str, bool] = {}
+
+    def worker() -> None:
+        sys.settrace(tracer)
+        while not stop.is_set():
+            m.f()
+            time.sleep(0.001)
+        kept["worker"] = sys.gettrace() is tracer
+        sys.settrace(None)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    old = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        time.sleep(0.02)
+        livepatch.apply(patch, model=model, timeout=5)
+        kept["main after apply"] = sys.gettrace() is tracer
+        livepatch.revert(patch.name, model=model, timeout=5)
+        kept["main after revert"] = sys.gettrace() is tracer
+    finally:
+        sys.settrace(old)
+        stop.set()
+        thread.join(5)
+    assert kept == dict.fromkeys(("main after apply", "main after revert", "worker"), True)
