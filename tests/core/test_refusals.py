@@ -479,7 +479,6 @@ def test_signature_change_is_reported_by_plan(env: Env, m: types.ModuleType) -> 
     assert "signature" not in livepatch.plan(same).changes[0].note
 
 
-@pytest.mark.xfail(reason="FINDINGS #28", strict=True)
 def test_patch_file_with_utf8_bom_loads(tmp_path: Path) -> None:
     """Python runs a file saved with a UTF-8 byte-order mark; so must load()."""
     path = tmp_path / "bom.py"
@@ -487,7 +486,6 @@ def test_patch_file_with_utf8_bom_loads(tmp_path: Path) -> None:
     assert livepatch.load(path).name == "bom"
 
 
-@pytest.mark.xfail(reason="FINDINGS #28", strict=True)
 def test_patch_file_with_coding_cookie_loads(tmp_path: Path) -> None:
     path = tmp_path / "latin.py"
     path.write_bytes(
@@ -497,7 +495,6 @@ def test_patch_file_with_coding_cookie_loads(tmp_path: Path) -> None:
     assert livepatch.load(path).description == "caf\u00e9"
 
 
-@pytest.mark.xfail(reason="FINDINGS #33", strict=True)
 def test_replacement_using_a_patch_file_global_is_caught(env: Env, m: types.ModuleType) -> None:
     """A common mistake: the replacement calls a helper (or an import) defined in the patch
     file without patch.new. Replacements run with the target's globals, so the first call

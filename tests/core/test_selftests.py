@@ -303,7 +303,6 @@ def test_what_callbacks_see_in_patches(env: Env, m: types.ModuleType) -> None:
     assert seen["post_unpatch"] == []
 
 
-@pytest.mark.xfail(reason="FINDINGS #25", strict=True)
 def test_plan_of_atomic_replace_says_what_goes_back(env: Env, m: types.ModuleType) -> None:
     livepatch.apply(mk(env, m, "p1", {"f": "f1", "g": "g1"}), model=IMM)
     livepatch.apply(mk(env, m, "p2", {"h": "h2"}), model=IMM)
@@ -396,7 +395,6 @@ def test_reverted_nested_patch_does_not_keep_target_alive(env: Env) -> None:
     assert all(r() is None for r in refs)
 
 
-@pytest.mark.xfail(reason="FINDINGS #31", strict=True)
 def test_log_records_do_not_hold_exceptions(env: Env, m: types.ModuleType,
                                             caplog: pytest.LogCaptureFixture) -> None:
     """A refusal is logged; a buffering handler (MemoryHandler, a queue, pytest's capture)
@@ -411,7 +409,6 @@ def test_log_records_do_not_hold_exceptions(env: Env, m: types.ModuleType,
     assert not held, held
 
 
-@pytest.mark.xfail(reason="FINDINGS #32", strict=True)
 def test_revert_of_a_patch_whose_helper_a_later_patch_uses(env: Env,
                                                           m: types.ModuleType) -> None:
     """fix-2 (applied on top) calls a helper fix-1 added. Reverting fix-1 alone must not

@@ -350,7 +350,6 @@ def test_garbage_collection_during_a_shadow_call() -> None:
     assert proc.stdout.split()[-1:] == ["ok"], proc.stdout + proc.stderr
 
 
-@pytest.mark.xfail(reason="FINDINGS #26", strict=True)
 def test_free_all_runs_every_destructor_even_if_one_fails() -> None:
     objs = [Plain() for _ in range(4)]
     for i, o in enumerate(objs):
@@ -393,7 +392,6 @@ def test_alloc_race_exactly_one_wins() -> None:
     assert shadow.get(obj, "race") == wins[0]
 
 
-@pytest.mark.xfail(reason="FINDINGS #27", strict=True)
 def test_recursive_get_or_alloc_on_the_same_key_does_not_hang() -> None:
     """A factory that (by mistake) asks for its own key: an error, not a silent hang.
     (In a subprocess: a hung thread must not stay behind in the test process.)"""

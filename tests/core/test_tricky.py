@@ -121,13 +121,9 @@ def test_identity_patch_of_tricky_constructs(env: Env) -> None:
     assert behaviour(m) == behaviour(twin)
 
 
-NESTED_FP = {"factory.<locals>.adder", "factory.<locals>.counter"}
-
-
 @pytest.mark.parametrize(
     "qualname",
-    [pytest.param(q, marks=pytest.mark.xfail(reason="FINDINGS #30", strict=True))
-     if q in NESTED_FP else q for q in TARGETS],
+    TARGETS,
 )
 def test_sha256_of_twin_verifies(env: Env, qualname: str) -> None:
     """expect=livepatch.fingerprint(f) of the same function in an unpatched copy."""
