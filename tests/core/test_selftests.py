@@ -443,6 +443,10 @@ def test_revert_of_a_patch_whose_helper_a_later_patch_uses(env: Env,
         assert (m.f(), m.g()) == ("f1!", "g2!")
         return
     assert m.g() == "g2!"  # still works after fix-1 is gone
+    assert m.f() == "f0"
+    livepatch.revert("fix-2", model=IMM)
+    assert m.g() == "g0"
+    assert not hasattr(m, "_suffix")  # nothing applied any more: the helper is gone too
 
 
 def test_empty_cumulative_patch_reverts_everything(env: Env, m: types.ModuleType) -> None:
