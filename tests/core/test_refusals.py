@@ -519,3 +519,47 @@ def test_replacement_using_a_patch_file_global_is_caught(env: Env, m: types.Modu
         return
     said = plan.changes[0].note + " ".join(plan.notes)
     assert "_helper" in said and "patch.new" in said, said
+
+
+def test_patch_file_globals_check_has_no_false_positives(env: Env) -> None:
+    m = env.source_module(
+        """
+        import os
+
+        LIMIT = 3
+
+        def plain(x):
+            return x
+        """,
+        "globals_ok",
+    )
+    text = """
+        import os
+        import livepatch
+        patch = livepatch.Patch("globals-ok")
+
+        LIMIT = 99  # the patch file's own value; the target's LIMIT is what runs
+
+        @patch.new("TARGET_MODULE:_twice")
+        def _twice(x):
+            return x * 2
+
+        @patch.function("TARGET_MODULE:plain")
+        def plain(x):
+            return len(os.sep) + _twice(x) + LIMIT
+    """
+    patch = livepatch.load(env.patch_text(text, m))
+    plan = livepatch.plan(patch)
+    said = plan.changes[0].note + " ".join(plan.notes)
+    for name in ("os", "_twice", "len"):
+        assert f" {name}" not in said.replace(",", " "), said
+    livepatch.apply(patch, model=IMM)
+    assert m.plain(1) == 1 + 2 + 3
+
+
+@pytest.mark.xfail(reason="FINDINGS #35", strict=True)
+def test_loads_text_with_a_bom(tmp_path: Path) -> None:
+    """The agent receives patch text, not files: a BOM at its start is no syntax error."""
+    patch = livepatch.loads("\ufeffimport livepatch\npatch = livepatch.Patch('bom-text')\n",
+                            filename=str(tmp_path / "sent.py"))
+    assert patch.name == "bom-text"
