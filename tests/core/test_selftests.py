@@ -459,3 +459,39 @@ def test_empty_cumulative_patch_reverts_everything(env: Env, m: types.ModuleType
     assert names() == ["nothing"]
     livepatch.revert("nothing", model=IMM)
     assert livepatch.patches() == []
+
+
+@pytest.mark.xfail(reason="FINDINGS #36", strict=True)
+def test_cumulative_patch_using_a_helper_it_does_not_carry(env: Env,
+                                                          m: types.ModuleType) -> None:
+    """fix-1 added _suffix; an atomic replace calls _suffix but does not re-add it. After
+    the replace, fix-1 (and its helper) are gone: refuse, or keep the code working."""
+    first = """
+        import livepatch
+        patch = livepatch.Patch("fix-1")
+
+        @patch.new("TARGET_MODULE:_suffix")
+        def _suffix(s):
+            return s + "!"
+
+        @patch.function("TARGET_MODULE:f")
+        def f():
+            return _suffix("f1")
+    """
+    replace = """
+        import livepatch
+        patch = livepatch.Patch("replace", cumulative=True)
+
+        @patch.function("TARGET_MODULE:g")
+        def g():
+            return _suffix("gR")
+    """
+    livepatch.apply(livepatch.load(env.patch_text(first, m)), model=IMM)
+    cumulative = livepatch.load(env.patch_text(replace, m))
+    try:
+        livepatch.apply(cumulative, model=IMM)
+    except livepatch.PatchError as exc:
+        assert "_suffix" in str(exc), str(exc)
+        assert m.f() == "f1!" and [p.name for p in livepatch.patches()] == ["fix-1"]
+        return
+    assert m.g() == "gR!"
