@@ -178,9 +178,9 @@ def _template(freevars: tuple[str, ...], sig: Signature | None, ndefaults: int) 
             params, call, pack_a, pack_k = sig.source(ndefaults)
         # generic: skip the empty kwargs dict, the common case (half the cost of a call)
         fast = (
-            "return __lp_f(*__lp_a, **__lp_k) if __lp_k else __lp_f(*__lp_a)"
+            f"return {STATE_NAME}[3](*__lp_a, **__lp_k) if __lp_k else {STATE_NAME}[3](*__lp_a)"
             if sig is None
-            else f"return __lp_f({call})"
+            else f"return {STATE_NAME}[3]({call})"
         )
         bind = f"    {' = '.join(freevars)} = None\n" if freevars else ""
         use = f"        if 0: ({', '.join(freevars)},)\n" if freevars else ""
@@ -190,7 +190,10 @@ def _template(freevars: tuple[str, ...], sig: Signature | None, ndefaults: int) 
             f"    def __lp_trampoline__({params}):\n"
             f"{use}"
             f"        __lp_s, __lp_b, __lp_i, __lp_f, __lp_p = {STATE_NAME}\n"
-            "        if not __lp_s and (not __lp_b or __lp_i() not in __lp_b):\n"
+            # after get_ident() (a C call: the GIL may change hands there) the flags are
+            # read again and the version is loaded afresh, so a transition turned around
+            # meanwhile is seen: decision and call are one uninterruptible stretch
+            "        if not __lp_s and (not __lp_b or (__lp_i() not in __lp_b and not __lp_s)):\n"
             f"            {fast}\n"
             f"        return __lp_p({pack_a}, {pack_k})\n"
             "    return __lp_trampoline__\n"
@@ -404,11 +407,11 @@ class Universe:
                 func.__defaults__ = d
                 func.__kwdefaults__ = dict(kw) if kw else None
                 # A thread may have entered the trampoline and not yet loaded its state
-                # (the GIL can change hands at the frame's start): leave a state that
-                # sends it to `side`, and drop it only much later (_sweep_tombstones).
-                _builtins_of(func)[entry.global_name] = (
-                    {}, set(), tasks.get_ident, entry.clones[side], None
-                )
+                # (the GIL can change hands at the frame's start), and may run it only
+                # after another transition has begun: leave a state that calls the live
+                # function again, so it goes wherever calls go *then*. Dropped much later
+                # (_sweep_tombstones).
+                _builtins_of(func)[entry.global_name] = ({}, set(), tasks.get_ident, func, None)
                 _tombstones.append((time.monotonic(), _builtins_of(func), entry.global_name))
             self.entries = []
             self.installed = False
@@ -417,15 +420,31 @@ class Universe:
 
     def slow_call(self, entry: _Entry, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # frame 0: here; 1: the trampoline (functools.partial adds no frame); 2: the caller
-        side = self.nearest(sys._getframe(2))
+        side = self.nearest(sys._getframe(2))  # a fact about this stack: cannot go stale
+        from_universe = side is None
+        rec = None
         if side is None:
-            side = self._side_of_caller()
-        fn = entry.clones[side]
+            rec = self._record_of_caller()
+            # The universe decision is read here and acted on at once: from this line to
+            # the callee's frame there is no call, loop or function entry, so the GIL
+            # cannot change hands and no switch or reversal can slip in between.
+            side = self.goal if rec is None or self.hybrid else rec.side
+        if not self.installed:
+            # this transition ended while we were on our way here (the GIL changed hands
+            # in the walk or the lookup): go wherever calls go now
+            return entry.func(*args, **kwargs)
         if not entry.makes_gen[side] or side == self.goal:
-            return fn(*args, **kwargs)
+            return entry.clones[side](*args, **kwargs)
         # A generator/coroutine of the non-goal version: from now until it is gone, any
         # task may resume it, so the fast path is off (see the module docstring).
-        with self.lock:
+        with self.lock:  # no reversal can happen while it is held: decide again inside
+            if not self.installed:
+                return entry.func(*args, **kwargs)
+            if from_universe:
+                side = self.goal if rec is None or self.hybrid else rec.side
+            fn = entry.clones[side]
+            if side == self.goal:
+                return fn(*args, **kwargs)
             self.slow["lingering"] = True
             obj = fn(*args, **kwargs)
             self._register(obj, side)
@@ -441,17 +460,17 @@ class Universe:
             frame = frame.f_back
         return None
 
-    def _side_of_caller(self) -> int:
+    def _record_of_caller(self) -> Record | None:
+        """The calling task's record (None: unknown, i.e. born during the transition).
+        ``hybrid`` switches it here: a call into the patch from a clean stack."""
         key = tasks.current_key()
         rec = self.records.get(key)
         if rec is None and ("installing" in self.slow or "reversing" in self.slow):
             with self.lock:  # wait for the enumeration to finish, then look again
                 rec = self.records.get(key)
-        if rec is None or rec.side == self.goal:
-            return self.goal
-        if self.hybrid:
-            return self.switch(rec)  # a call into the patch from a clean stack
-        return rec.side
+        if rec is not None and rec.side != self.goal and self.hybrid:
+            self.switch(rec)
+        return rec
 
     def switch(self, rec: Record) -> int:
         """Move `rec` to the goal (its stack is known clean); returns the goal."""
@@ -480,9 +499,10 @@ class Universe:
         rec = self.records.get(tasks.current_key())
         if rec is None or rec.side == self.goal:
             return True
-        if not self._clean(frame):
-            return False
-        self.switch(rec)
+        with self.lock:  # the check and the switch against one goal (no reversal between)
+            if not self._clean(frame):
+                return False
+            self.switch(rec)
         return True
 
     # -- generators and coroutines ---------------------------------------------------------
@@ -509,9 +529,9 @@ class Universe:
         """Find generators/coroutines of the non-goal side that predate the dispatch."""
         if "scanning" not in self.slow:
             return 0
-        other = 1 - self.goal
-        found = tasks.suspended_with(self._gen_codes(other))
-        with self.lock:
+        with self.lock:  # held across the scan: the goal must not flip under it
+            other = 1 - self.goal
+            found = tasks.suspended_with(self._gen_codes(other))
             for obj in found:
                 self._register(obj, other)
             if self.gens[other]:
@@ -548,9 +568,9 @@ class Universe:
     def check_all(self, *, switch: bool) -> None:
         """Look at every task behind the goal: forget dead ones, switch clean ones
         (``switch=True``: hybrid), note what blocks the others."""
-        other = 1 - self.goal
         sides = self.sides
         with self.lock:
+            other = 1 - self.goal  # under the lock: a reversal may have just flipped it
             snapshot = sys._current_frames()
             pace = Yielder()
             for key, rec in list(self.records.items()):
@@ -610,9 +630,9 @@ class Universe:
     def _loop_safepoint(self, loop: Any) -> None:
         # runs in the loop's thread, between two callbacks: no task of `loop` is running
         self._signalled.discard(id(loop))
-        other = 1 - self.goal
         sides = self.sides
         with self.lock:
+            other = 1 - self.goal
             me = tasks.get_ident()
             for rec in self.behind():
                 if rec.info.is_thread:

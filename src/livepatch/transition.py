@@ -348,11 +348,21 @@ def begin(
         elif model is Model.STOP:
             _start_worker(t, _run_stop)
         else:
+            if not _gil_enabled():
+                raise PatchError(
+                    f"{patch}: model {model.value!r} needs the GIL and this interpreter runs "
+                    "without it (free-threaded build); use model='stop'"
+                )
             _start_dispatch(t, sys._getframe(1))
     except BaseException:
         _clear(t)
         raise
     return t
+
+
+def _gil_enabled() -> bool:
+    check = getattr(sys, "_is_gil_enabled", None)  # 3.13+
+    return True if check is None else bool(check())
 
 
 def _clear(t: Transition) -> None:

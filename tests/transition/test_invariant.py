@@ -100,3 +100,37 @@ def test_immediate_does_mix_versions(tmp_path):
     finally:
         load.stop()
     assert module.VIOLATIONS, "immediate never mixed versions: the invariant test is blind"
+
+
+@pytest.mark.parametrize("model", ["hybrid", "two_universe"])
+def test_reversing_mid_transition_never_mixes_versions(tmp_path, model):
+    """Revert while the transition is in flight, over and over, under the same load."""
+    module = import_source(tmp_path, TARGET)
+    patch = patch_for(module, "invariant-reverse", PATCH)
+    load = Workload(module, threads=16, tasks=200).start()
+    reversed_count = 0
+    try:
+        deadline = time.monotonic() + CYCLE_SECONDS / 2
+        while time.monotonic() < deadline:
+            t = livepatch.apply(patch, model=model, timeout=20, wait=False)
+            time.sleep(0.002)
+            if t.done:  # finished before we could turn it around: revert normally
+                livepatch.revert("invariant-reverse", model=model, timeout=20)
+                continue
+            try:
+                r = livepatch.revert("invariant-reverse", model=model, timeout=20)
+            except livepatch.TransitionBusy:  # it was finalizing right then
+                t.wait(20)
+                livepatch.revert("invariant-reverse", model=model, timeout=20)
+                continue
+            if r is not t:  # it completed in between: that was an ordinary revert
+                assert t.state.value == "complete" and r.state.value == "complete"
+                continue
+            assert t.state.value == "reversed"
+            reversed_count += 1
+            assert module.encode(0) == ("v1", 0)
+    finally:
+        load.stop()
+    assert reversed_count >= 1, "never caught a transition in flight"
+    assert module.VIOLATIONS == [], module.VIOLATIONS[:5]
+    assert livepatch.patches() == []
