@@ -300,9 +300,26 @@ def _check_globals(patch: Patch, the_plan: Plan) -> None:
     ``from x import y`` names that way), and plan cannot know that.
     """
     home = patch._home
+    # an atomic replace removes the helpers of the patches it supersedes unless it
+    # carries them: code that calls one would fail at once
+    carried = {(id(a.holder), a.name) for a in the_plan.added}
+    going = {
+        (id(a.holder), a.name): r.patch.name
+        for r in (_applied if patch.cumulative else [])
+        for a in r.added
+        if (id(a.holder), a.name) not in carried
+    }
     for index, prepared in enumerate(the_plan.prepared):
         module = prepared.module
         added = {a.name for a in the_plan.added if a.holder is module}
+        for name in sorted(_global_names(prepared.version.code)):
+            owner = going.get((id(module), name))
+            if owner is not None:
+                raise UnsafeChange(
+                    f"{prepared.spec.target} uses {module.__name__}:{name}, added by {owner}, "
+                    f"which this cumulative patch supersedes without carrying it; carry it "
+                    f"with patch.new('{module.__name__}:{name}')"
+                )
         missing = sorted(
             n for n in _global_names(prepared.version.code)
             if n not in module.__dict__ and n not in added and not hasattr(builtins, n)

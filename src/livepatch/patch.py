@@ -228,6 +228,7 @@ def load(path: str | os.PathLike[str]) -> Patch:
 
 def loads(text: str, filename: str = "<patch>") -> Patch:
     """Load a patch from its source text; `filename` is where tracebacks will point."""
+    text = text.removeprefix("\ufeff")  # a leading byte-order mark means nothing to Python
     sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     # Register the text so tracebacks and source lookups see exactly what was loaded,
     # even if the file changes on disk later or never existed (patches sent to the agent).
