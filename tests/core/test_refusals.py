@@ -557,7 +557,6 @@ def test_patch_file_globals_check_has_no_false_positives(env: Env) -> None:
     assert m.plain(1) == 1 + 2 + 3
 
 
-@pytest.mark.xfail(reason="FINDINGS #35", strict=True)
 def test_loads_text_with_a_bom(tmp_path: Path) -> None:
     """The agent receives patch text, not files: a BOM at its start is no syntax error."""
     patch = livepatch.loads("\ufeffimport livepatch\npatch = livepatch.Patch('bom-text')\n",

@@ -461,7 +461,6 @@ def test_empty_cumulative_patch_reverts_everything(env: Env, m: types.ModuleType
     assert livepatch.patches() == []
 
 
-@pytest.mark.xfail(reason="FINDINGS #36", strict=True)
 def test_cumulative_patch_using_a_helper_it_does_not_carry(env: Env,
                                                           m: types.ModuleType) -> None:
     """fix-1 added _suffix; an atomic replace calls _suffix but does not re-add it. After
