@@ -562,3 +562,30 @@ def test_loads_text_with_a_bom(tmp_path: Path) -> None:
     patch = livepatch.loads("\ufeffimport livepatch\npatch = livepatch.Patch('bom-text')\n",
                             filename=str(tmp_path / "sent.py"))
     assert patch.name == "bom-text"
+
+
+@pytest.mark.xfail(reason="FINDINGS #37", strict=True)
+def test_helper_using_a_patch_file_global_is_caught(env: Env, m: types.ModuleType) -> None:
+    """The same mistake one level down: a patch.new helper uses a patch-file constant."""
+    text = """
+        import livepatch
+        patch = livepatch.Patch("helper-globals")
+
+        CAP = 10
+
+        @patch.new("TARGET_MODULE:_cap")
+        def _cap(x):
+            return min(x, CAP)
+
+        @patch.function("TARGET_MODULE:plain")
+        def plain(x):
+            return _cap(x)
+    """
+    patch = livepatch.load(env.patch_text(text, m))
+    try:
+        plan = livepatch.plan(patch)
+    except livepatch.PatchError as exc:
+        assert "CAP" in str(exc), str(exc)
+        return
+    said = " ".join([*(c.note for c in plan.changes), *plan.notes])
+    assert "CAP" in said, said
