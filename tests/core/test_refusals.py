@@ -589,3 +589,29 @@ def test_helper_using_a_patch_file_global_is_caught(env: Env, m: types.ModuleTyp
         return
     said = " ".join([*(c.note for c in plan.changes), *plan.notes])
     assert "CAP" in said, said
+
+
+def test_nested_code_using_a_patch_file_global_is_caught(env: Env, m: types.ModuleType) -> None:
+    """The global is used inside a comprehension / nested def of the replacement."""
+    text = """
+        import livepatch
+        patch = livepatch.Patch("nested-globals")
+
+        def _double(v):
+            return v * 2
+
+        @patch.function("TARGET_MODULE:plain")
+        def plain(x):
+            def inner(y):
+                return _double(y)
+
+            return sum(inner(v) for v in range(x))
+    """
+    patch = livepatch.load(env.patch_text(text, m))
+    try:
+        plan = livepatch.plan(patch)
+    except livepatch.PatchError as exc:
+        assert "_double" in str(exc), str(exc)
+        return
+    said = " ".join([*(c.note for c in plan.changes), *plan.notes])
+    assert "_double" in said, said
