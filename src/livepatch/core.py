@@ -340,6 +340,32 @@ def _check_globals(patch: Patch, the_plan: Plan) -> None:
         the_plan.changes[index] = PlannedChange(
             change.target, change.verified, f"{change.note}; {note}"
         )
+    for helper in the_plan.added:  # helpers written in the patch run in the target too
+        fn = helper.value
+        if isinstance(fn, (staticmethod, classmethod)):
+            fn = fn.__func__
+        elif isinstance(fn, property):
+            fn = fn.fget
+        if not isinstance(fn, types.FunctionType) or fn.__globals__ is home:
+            continue
+        module_dict = fn.__globals__
+        added_here = {a.name for a in the_plan.added if a.holder.__dict__ is module_dict}
+        missing = sorted(
+            n for n in _global_names(fn.__code__)
+            if n not in module_dict and n not in added_here and not hasattr(builtins, n)
+        )
+        if missing:
+            module_name = module_dict.get("__name__", "?")
+            from_patch = [n for n in missing if n in home]
+            note = f"{helper.target} uses {', '.join(missing)}, which {module_name} does not define"
+            if from_patch:
+                first = from_patch[0]
+                note += (
+                    f" ({', '.join(from_patch)} from the patch file: bring it in with "
+                    f"patch.new('{module_name}:{first}', {first}))"
+                )
+            log.warning("livepatch: %s: %s", patch.name, note)
+            the_plan.notes.append(note)
 
 
 def _ident(slot: Slot) -> Any:
