@@ -564,7 +564,6 @@ def test_loads_text_with_a_bom(tmp_path: Path) -> None:
     assert patch.name == "bom-text"
 
 
-@pytest.mark.xfail(reason="FINDINGS #37", strict=True)
 def test_helper_using_a_patch_file_global_is_caught(env: Env, m: types.ModuleType) -> None:
     """The same mistake one level down: a patch.new helper uses a patch-file constant."""
     text = """
