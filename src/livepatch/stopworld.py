@@ -40,6 +40,8 @@ from typing import Any
 from livepatch.errors import PatchError
 
 _TOOL_NAME = "livepatch-stop"
+#: settling ends once no more threads have parked for this long
+QUIET = 0.001
 _monitoring: Any = getattr(sys, "monitoring", None)
 
 #: held by the patching thread for the length of a pause; parked threads block on it.
@@ -191,7 +193,8 @@ class _TraceHooks:
         api._PyEval_SetTrace.restype = ctypes.c_int
         api._PyEval_SetTrace.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         self.api = api
-        self.armed: list[int] = []
+        #: thread state → the trace function and object it had before we armed it
+        self.armed: dict[int, tuple[int | None, Any]] = {}
 
     def _others(self) -> list[int]:
         api = self.api
@@ -207,16 +210,61 @@ class _TraceHooks:
     def arm(self) -> None:
         func = ctypes.cast(_c_trace, ctypes.c_void_p).value
         for ts in self._others():
+            previous = _read_tracer(ts)  # a debugger's or coverage's: put back on disarm
             if self.api._PyEval_SetTrace(ts, func, id(None)) == 0:
-                self.armed.append(ts)
+                self.armed[ts] = previous
 
     def disarm(self) -> None:
         # only thread states that still exist: a thread may have ended meanwhile
         alive = set(self._others())
-        for ts in self.armed:
+        for ts, (func, obj) in self.armed.items():
             if ts in alive:
-                self.api._PyEval_SetTrace(ts, None, None)
-        self.armed = []
+                self.api._PyEval_SetTrace(ts, func, id(obj) if func else None)
+        self.armed = {}
+
+
+# 3.11's PyThreadState keeps the trace hook as two fields, ``c_tracefunc`` and
+# ``c_traceobj``, with no API to read another thread's. Their offsets are found once, by
+# installing a known tracer in this thread and looking for it; if that fails, tracers of
+# other threads are not restored.
+_TRACE_OFFSETS: tuple[int, int] | None = None
+_TRACE_OFFSETS_KNOWN = False
+
+
+def _probe_trace_offsets() -> tuple[int, int] | None:
+    api = ctypes.pythonapi
+    ts = api.PyThreadState_Get()
+
+    def probe(*args: Any) -> None:
+        return None
+
+    old = sys.gettrace()
+    sys.settrace(probe)
+    try:
+        words = (ctypes.c_void_p * 40).from_address(ts)
+        obj_at = [i for i, w in enumerate(words) if w == id(probe)]
+        if len(obj_at) != 1 or obj_at[0] < 2 or not words[obj_at[0] - 2]:
+            return None
+        # layout: c_profilefunc, c_tracefunc, c_profileobj, c_traceobj
+        return (obj_at[0] - 2) * 8, obj_at[0] * 8
+    finally:
+        sys.settrace(old)
+
+
+def _read_tracer(ts: int) -> tuple[int | None, Any]:
+    global _TRACE_OFFSETS, _TRACE_OFFSETS_KNOWN
+    if not _TRACE_OFFSETS_KNOWN:
+        _TRACE_OFFSETS = _probe_trace_offsets()
+        _TRACE_OFFSETS_KNOWN = True
+    if _TRACE_OFFSETS is None:
+        return None, None
+    func_off, obj_off = _TRACE_OFFSETS
+    func = ctypes.c_void_p.from_address(ts + func_off).value
+    obj_ptr = ctypes.c_void_p.from_address(ts + obj_off).value
+    if not func:
+        return None, None
+    obj = ctypes.cast(obj_ptr, ctypes.py_object).value if obj_ptr else None
+    return func, obj
 
 
 def mechanism() -> str:
@@ -250,13 +298,15 @@ def parked(settle: float = 0.02, avoid: Iterable[Any] = ()) -> Iterator[Pause]:
         try:
             hooks.arm()
             pause.others = max(len(sys._current_frames()) - 1, 0)
-            stable, last, deadline = 0, -1, t0 + settle
-            while _parked_now() < pause.others and time.perf_counter() < deadline:
+            last, changed, deadline = -1, t0, t0 + settle
+            while _parked_now() < pause.others:
                 time.sleep(0.0001)  # hand the GIL over: runnable threads reach an event
-                count = _parked_now()
-                stable = stable + 1 if count == last else 0
-                last = count
-                if stable >= 4:
+                now, count = time.perf_counter(), _parked_now()
+                if count != last:
+                    last, changed = count, now
+                # no thread parked for QUIET seconds: the rest are blocked in C calls
+                # (or waiting for a CPU; they park at their next event all the same)
+                if now - changed >= QUIET or now >= deadline:
                     break
             pause.settle = time.perf_counter() - t0
             pause.parked = _parked_now()

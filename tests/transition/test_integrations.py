@@ -119,7 +119,8 @@ def test_asgi_request_boundary_switches_the_connection_task(tmp_module):
         task = asyncio.ensure_future(connection(go))
         while not bodies:
             await asyncio.sleep(0.001)
-        while livepatch.transition() is None:
+        # wait until the transition has recorded the tasks (it is visible from its start)
+        while (livepatch.transition() is None) or not livepatch.transition().tasks_total:
             await asyncio.sleep(0.001)
         go.set()
         await task
