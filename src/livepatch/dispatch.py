@@ -402,10 +402,11 @@ class Universe:
                 version = entry.versions[side]
                 d = entry.saved_defaults if version.defaults is KEEP else version.defaults
                 kw = entry.saved_kwdefaults if version.kwdefaults is KEEP else version.kwdefaults
-                func = entry.func
-                func.__code__ = version.code
+                func, code, kw = entry.func, version.code, dict(kw) if kw else None
+                # three stores with no call between them (see _install_one)
+                func.__code__ = code
                 func.__defaults__ = d
-                func.__kwdefaults__ = dict(kw) if kw else None
+                func.__kwdefaults__ = kw
                 # A thread may have entered the trampoline and not yet loaded its state
                 # (the GIL can change hands at the frame's start), and may run it only
                 # after another transition has begun: leave a state that calls the live
