@@ -511,10 +511,17 @@ def _run_stop(t: Transition) -> None:
 def _timeout_message(t: Transition, what: str) -> str:
     shown = "; ".join(str(b) for b in t.blockers[:5])
     more = f" (+{len(t.blockers) - 5} more)" if len(t.blockers) > 5 else ""
+    if t.model is Model.STOP:
+        advice = "retry when they are idle, use model='hybrid', or force=True"
+    elif t.model is Model.TWO_UNIVERSE:
+        advice = ("give those tasks a safe point (livepatch.safepoint() or the WSGI/ASGI "
+                  "middleware), use model='hybrid', or force=True")
+    else:
+        advice = ("let the named generators/coroutines finish or give the tasks a safe "
+                  "point, retry with a longer timeout, or force=True")
     return (
         f"{t.patch}: {what} after {t.timeout:g}s, {len(t.blockers)} blocker(s): "
-        f"{shown}{more}; nothing changed — retry when they are idle, use model='hybrid', "
-        "or force=True"
+        f"{shown}{more}; nothing changed — {advice}"
     )
 
 

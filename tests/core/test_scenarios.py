@@ -541,7 +541,6 @@ def test_modules_are_isolated(env: Env) -> None:
     assert sys.modules[b.__name__] is b
 
 
-@pytest.mark.xfail(reason="FINDINGS #21", strict=True)
 def test_timeout_advice_fits_the_model(env: Env, model: str) -> None:
     if model == IMM:
         pytest.skip("about the default model")
