@@ -95,6 +95,10 @@ class Load:
     def _client(self) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
         while not self._stop.is_set():
+            # a request belongs to the phase in which it was sent: one sent during the
+            # revert may be answered by the new code, and arrive after the revert returned
+            with self._lock:
+                phase = self.phase
             try:
                 conn.request("GET", "/quote?item=pear&qty=1")
                 response = conn.getresponse()
@@ -107,7 +111,6 @@ class Load:
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
                 error = f"{type(exc).__name__}: {exc}"
             with self._lock:
-                phase = self.phase
                 if good:
                     phase.ok += 1
                     phase.buggy += label == BUGGY
