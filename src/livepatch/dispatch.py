@@ -21,14 +21,23 @@ a function of the patch*; if there is none (the stack is clean), to the universe
 task. A task's universe only matters when its stack is clean, so switching a clean task
 is always safe; the hard part is doing without the stack walk on the fast path.
 
-**Fast path** (lock-free; a few loads and at most one C call): taken when no flag in
-:attr:`Universe.slow` is up and the calling thread hosts no task behind the goal
-(:attr:`Universe.behind_threads`). Such a task holds no frame of the non-goal version:
-it was checked clean when it switched (or started after the trampolines went in), and the
-only way to reach a non-goal frame afterwards is to resume a generator or coroutine that
-runs one — and while any such object exists, the ``lingering`` flag is up and every call
-takes the slow path (they are all known: the ones that existed before the transition are
-found by a garbage-collector scan, the ones created since were created here).
+**Fast path** (lock-free; a few loads and one C call, ``ContextVar.get``): taken when no
+flag in :attr:`Universe.slow` is up and the calling context carries this epoch's mark
+(:data:`SWITCHED`). The slow path marks a context when it finds its task at the goal with
+a clean stack; from then on that task holds no frame of the non-goal version: the only way
+to reach one is to resume a generator or coroutine that runs one — and while any such
+object exists, the ``lingering`` flag is up and every call takes the slow path (they are
+all known: the ones that existed before the transition are found by a garbage-collector
+scan, the ones created since were created here). A context is per task (each asyncio Task
+runs in its own, each thread has its own), so one task left behind slows only itself, not
+every task on its thread. The mark is a new object each time the goal flips, so a
+reversal unmarks every context at once. Contexts are copied (a new Task inherits its
+creator's), which is safe because a copy starts on a clean stack — except where a copy
+runs on top of a non-goal frame: an event loop run from inside an old version of a patched
+function (``check_all`` sees it and raises ``foreign``: slow path for all), or a context
+shared between a switched and a behind Task via ``create_task(context=...)`` (seen on 3.12+,
+same flag). Not seen: a patched function that itself runs callbacks with
+``Context.run`` in contexts copied from switched tasks, while its old version is running.
 
 **Slow path**: walk the stack (``f_back``) for the nearest patched frame; if none, look up
 the task's record: behind the goal in ``hybrid`` means "a call into the patch made from a
@@ -41,6 +50,8 @@ dict/set membership test is atomic under the GIL).
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import functools
 import itertools
 import sys
@@ -71,6 +82,10 @@ _KIND_FLAGS = 0x20 | 0x80 | 0x200  # generator, coroutine, async generator
 #: the trampoline's one global: in the template, renamed per function (see _Entry)
 STATE_NAME = "__livepatch_state__"
 _ids = itertools.count()
+#: per context (an asyncio Task's, a thread's): the mark of the transition epoch in which
+#: its task was seen at the goal with a clean stack (see "Fast path" above)
+SWITCHED: contextvars.ContextVar[object] = contextvars.ContextVar("livepatch_switched")
+_NEVER = object()  # a mark no context carries
 #: (when, builtins dict, name) of trampoline states left behind by finished transitions
 _tombstones: list[tuple[float, dict[str, Any], str]] = []
 TOMBSTONE_SECONDS = 60.0
@@ -189,11 +204,11 @@ def _template(freevars: tuple[str, ...], sig: Signature | None, ndefaults: int) 
             f"{bind}"
             f"    def __lp_trampoline__({params}):\n"
             f"{use}"
-            f"        __lp_s, __lp_b, __lp_i, __lp_f, __lp_p = {STATE_NAME}\n"
-            # after get_ident() (a C call: the GIL may change hands there) the flags are
-            # read again and the version is loaded afresh, so a transition turned around
-            # meanwhile is seen: decision and call are one uninterruptible stretch
-            "        if not __lp_s and (not __lp_b or (__lp_i() not in __lp_b and not __lp_s)):\n"
+            f"        __lp_s, __lp_v, __lp_m, __lp_f, __lp_p = {STATE_NAME}\n"
+            # After ``get`` (a C call: the GIL may change hands there) the mark to match,
+            # the flags and the version are all read afresh, so a transition turned
+            # around meanwhile is seen: decision and call are one uninterruptible stretch.
+            f"        if __lp_v.get(None) is {STATE_NAME}[2] and not __lp_s:\n"
             f"            {fast}\n"
             f"        return __lp_p({pack_a}, {pack_k})\n"
             "    return __lp_trampoline__\n"
@@ -288,9 +303,32 @@ class _Entry:
         return d, dict(kw) if kw else None
 
 
+_RUN_LOOP = {asyncio.BaseEventLoop.run_forever.__code__}
+
+
+def _under_a_loop(frames: list[FrameType], bad: list[FrameType], hosts_tasks: bool) -> bool:
+    """Whether a thread holds a non-goal frame *below* an event loop it runs: contexts of
+    other tasks (marked ones too) then run on top of that frame. `frames` innermost first.
+    A loop with no Python ``run_forever`` frame (uvloop): any non-goal frame counts."""
+    for i, frame in enumerate(frames):
+        if frame.f_code in _RUN_LOOP:
+            below = {id(f) for f in frames[i + 1:]}
+            return any(id(f) in below for f in bad)
+    return hosts_tasks
+
+
 def _builtins_of(func: FunctionType) -> dict[str, Any]:
     found: dict[str, Any] = getattr(func, "__builtins__")  # typeshed lacks the attribute
     return found
+
+
+def _forward(func: FunctionType) -> Any:
+    """The slow path of a finished transition's trampoline: call the live function again."""
+
+    def forward(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return func(*args, **kwargs)
+
+    return forward
 
 
 def _clone(func: FunctionType, version: Version, defaults: Any, kwdefaults: Any) -> FunctionType:
@@ -312,10 +350,10 @@ class Universe:
         self.goal = NEW
         self.lock = threading.RLock()
         #: any key here sends every call down the slow path: "installing", "reversing",
-        #: "scanning", "lingering", "unbound"
-        self.slow: dict[str, bool] = {}
-        #: idents of threads hosting a task that is behind the goal
-        self.behind_threads: set[int] = set()
+        #: "scanning", "lingering", "unchecked", "foreign"
+        self.slow: dict[str, bool] = {"unchecked": True}
+        #: this epoch's mark (see SWITCHED); a new one each time the goal flips
+        self.mark = object()
         self.records: dict[Any, Record] = {}
         #: id(code) → side, for every version of every function of the patch
         self.sides: dict[int, int] = {}
@@ -326,8 +364,6 @@ class Universe:
         self.total = 0
         self.installed = False
         self._signalled: set[int] = set()  # loops with a pending _loop_safepoint
-        #: thread ident → how many records on it are behind (keeps switch() O(1))
-        self._behind_count: dict[int, int] = {}
         for change in changes:
             self.sides[id(change.old.code)] = OLD
             self.sides[id(change.new.code)] = NEW
@@ -357,7 +393,6 @@ class Universe:
                         continue  # the caller is at a safe point: it starts in the new universe
                     self.records[info.key] = Record(info, OLD)
                 self.total = len(self.records) + 1
-                self._recompute_behind()
                 if self._gen_codes(OLD):
                     self.slow["scanning"] = True
             finally:
@@ -392,8 +427,7 @@ class Universe:
 
     def _state(self, entry: _Entry) -> tuple[Any, ...]:
         slow_call = functools.partial(self.slow_call, entry)
-        return (self.slow, self.behind_threads, tasks.get_ident, entry.clones[self.goal],
-                slow_call)
+        return (self.slow, SWITCHED, self.mark, entry.clones[self.goal], slow_call)
 
     def remove(self, side: int) -> None:
         """Install `side`'s version directly on every function (dispatch ends)."""
@@ -412,7 +446,8 @@ class Universe:
                 # after another transition has begun: leave a state that calls the live
                 # function again, so it goes wherever calls go *then*. Dropped much later
                 # (_sweep_tombstones).
-                _builtins_of(func)[entry.global_name] = ({}, set(), tasks.get_ident, func, None)
+                _builtins_of(func)[entry.global_name] = ({}, SWITCHED, _NEVER, func,
+                                                         _forward(func))
                 _tombstones.append((time.monotonic(), _builtins_of(func), entry.global_name))
             self.entries = []
             self.installed = False
@@ -424,7 +459,9 @@ class Universe:
         side = self.nearest(sys._getframe(2))  # a fact about this stack: cannot go stale
         from_universe = side is None
         rec = None
+        mark = _NEVER
         if side is None:
+            mark = self.mark  # before the goal: reverse() writes the goal, then the mark
             rec = self._record_of_caller()
             # The universe decision is read here and acted on at once: from this line to
             # the callee's frame there is no call, loop or function entry, so the GIL
@@ -434,6 +471,15 @@ class Universe:
             # this transition ended while we were on our way here (the GIL changed hands
             # in the walk or the lookup): go wherever calls go now
             return entry.func(*args, **kwargs)
+        if side == self.goal and from_universe and (rec is None or rec.side == side):
+            # A clean stack at the goal: mark this task's context so its next calls take
+            # the fast path. Set after the call, on this same clean stack (setting is a
+            # C call, which must not sit between the decision and the callee); a mark
+            # of an epoch that has since ended matches nothing.
+            try:
+                return entry.clones[side](*args, **kwargs)
+            finally:
+                SWITCHED.set(mark)
         if not entry.makes_gen[side] or side == self.goal:
             return entry.clones[side](*args, **kwargs)
         # A generator/coroutine of the non-goal version: from now until it is gone, any
@@ -479,15 +525,6 @@ class Universe:
             if rec.side != self.goal:
                 rec.side = self.goal
                 rec.blocking = []
-                thread = rec.info.thread
-                count = self._behind_count.get(thread, 0) - 1 if thread is not None else -1
-                if thread is None:
-                    self._recompute_behind()
-                elif count > 0:
-                    self._behind_count[thread] = count
-                else:  # O(1): a thousand tasks switching one by one must not cost O(n²)
-                    self._behind_count.pop(thread, None)
-                    self.behind_threads.discard(thread)
             return self.goal
 
     def _clean(self, frame: FrameType | None) -> bool:
@@ -574,6 +611,9 @@ class Universe:
             other = 1 - self.goal  # under the lock: a reversal may have just flipped it
             snapshot = sys._current_frames()
             pace = Yielder()
+            foreign = False
+            loop_threads = {r.info.thread for r in list(self.records.values())
+                            if not r.info.is_thread}
             for key, rec in list(self.records.items()):
                 pace()
                 if rec.side == self.goal:
@@ -584,17 +624,31 @@ class Universe:
                     continue
                 if not rec.info.is_thread:
                     rec.info.thread = tasks.loop_thread(key.get_loop())
+                    foreign = foreign or self._shares_a_mark(key)
                 frames = tasks.frames_of(rec.info, snapshot)
                 bad = [f for f in frames if sides.get(id(f.f_code)) == other]
                 if bad:
                     rec.blocking = [tasks.describe(f) for f in bad]
+                    foreign = foreign or (
+                        rec.info.is_thread and _under_a_loop(frames, bad, key in loop_threads)
+                    )
                 elif switch:
                     rec.side = self.goal
                     rec.blocking = []
                 else:
                     rec.blocking = ["(waiting for a safe point)"]
             del snapshot
-            self._recompute_behind()
+            if foreign:
+                self.slow["foreign"] = True
+            else:
+                self.slow.pop("foreign", None)
+            self.slow.pop("unchecked", None)
+
+    def _shares_a_mark(self, task: Any) -> bool:
+        """A Task behind the goal whose context carries this epoch's mark (a context
+        shared through ``create_task(context=...)``): marks cannot be trusted."""
+        get_context = getattr(task, "get_context", None)  # 3.12+
+        return get_context is not None and get_context().get(SWITCHED) is self.mark
 
     def signal_loops(self) -> int:
         """``two_universe``: ask every running event loop hosting a task behind the goal
@@ -647,28 +701,6 @@ class Universe:
                 if all(f is None or sides.get(id(f.f_code)) != other for f in frames):
                     rec.side = self.goal
                     rec.blocking = []
-            self._recompute_behind()
-
-    def _recompute_behind(self) -> None:
-        behind = set()
-        counts: dict[int, int] = {}
-        unbound = False
-        for rec in self.records.values():
-            if rec.side != self.goal:
-                thread = rec.info.thread
-                if thread is None:
-                    unbound = True
-                else:
-                    behind.add(thread)
-                    counts[thread] = counts.get(thread, 0) + 1
-        self._behind_count = counts
-        if unbound:
-            self.slow["unbound"] = True
-        # add first, then drop: a thread that must stay behind is never missing
-        self.behind_threads.update(behind)
-        self.behind_threads.difference_update(self.behind_threads - behind)
-        if not unbound:
-            self.slow.pop("unbound", None)
 
     def behind(self) -> list[Record]:
         # list() copies in one C call: records may be added meanwhile (reverse)
@@ -692,13 +724,14 @@ class Universe:
                 for info in tasks.all_tasks():
                     self.records.setdefault(info.key, Record(info, before))
                 self.goal = 1 - before
+                self.mark = object()  # after the goal (see slow_call): old marks now fail
+                self.slow["unchecked"] = True
                 rec = self.records.get(caller)
                 if rec is not None and rec.side != self.goal and self._clean(caller_frame):
                     rec.side = self.goal
                 for entry in self.entries:
                     _builtins_of(entry.func)[entry.global_name] = self._state(entry)
                 self.total = len(self.records)
-                self._recompute_behind()
                 if self._gen_codes(1 - self.goal):
                     self.slow["scanning"] = True
                     self.slow["lingering"] = True
