@@ -58,7 +58,6 @@ import sys
 import threading
 import time
 import types
-import warnings
 import weakref
 from dataclasses import dataclass, field
 from types import CodeType, FrameType, FunctionType
@@ -67,15 +66,6 @@ from typing import Any
 from livepatch import tasks
 from livepatch.errors import UnsafeChange
 from livepatch.redirect import KEEP, Version
-
-# 3.13 deprecates putting a plain function's code into a generator function; the trampoline
-# is a plain function that returns the clone's generator, which is exactly what it means.
-warnings.filterwarnings(
-    "ignore",
-    message="Assigning a code object of non-matching type",
-    category=DeprecationWarning,
-    module=r"livepatch\.dispatch",
-)
 
 OLD, NEW = 0, 1
 _KIND_FLAGS = 0x20 | 0x80 | 0x200  # generator, coroutine, async generator
@@ -171,16 +161,50 @@ class Signature:
 
 
 _GENERIC = ("*__lp_a", "*__lp_a, **__lp_k", "__lp_a", "__lp_k")
+_GENERATOR, _COROUTINE, _ASYNC_GENERATOR, _ITERABLE_COROUTINE = 0x20, 0x80, 0x200, 0x100
+
+# An async generator cannot ``yield from``: the trampoline forwards the protocol itself
+# (values out, asend/athrow/aclose in), as PEP 380 spells out for ``yield from``.
+_FORWARD_ASYNC = """\
+        __lp_n = __lp_g.__anext__
+        try:
+            __lp_x = await __lp_n()
+        except StopAsyncIteration:
+            return
+        while True:
+            try:
+                __lp_y = yield __lp_x
+            except GeneratorExit:
+                await __lp_g.aclose()
+                raise
+            except BaseException as __lp_e:
+                try:
+                    __lp_x = await __lp_g.athrow(__lp_e)
+                except StopAsyncIteration:
+                    return
+            else:
+                try:
+                    __lp_x = await (__lp_n() if __lp_y is None else __lp_g.asend(__lp_y))
+                except StopAsyncIteration:
+                    return
+"""
 
 
-def _template(freevars: tuple[str, ...], sig: Signature | None, ndefaults: int) -> CodeType:
-    """The trampoline code for these free-variable names and this signature.
+def _template(
+    freevars: tuple[str, ...], sig: Signature | None, ndefaults: int, kind: int = 0
+) -> CodeType:
+    """The trampoline code for these free-variable names, this signature and this kind.
 
-    With `sig` None the trampoline is generic: ``(*args, __livepatch__, **kwargs)``. With
-    a signature it declares exactly the target's parameters and forwards them as they are
-    (no tuple and dict to pack and unpack: about a third of the cost).
+    With `sig` None the trampoline is generic: ``(*args, **kwargs)``. With a signature it
+    declares exactly the target's parameters and forwards them as they are (no tuple and
+    dict to pack and unpack: about a third of the cost).
+
+    `kind` (the target's generator/coroutine/async-generator flag) makes the trampoline
+    that kind too, delegating to the version it picks: CPython deprecates giving a
+    function code of another kind (3.13). The pick then happens when the object is first
+    resumed — on the stack of the task that resumes it, which is where the rule looks.
     """
-    key = (freevars, sig, ndefaults)
+    key = (freevars, sig, ndefaults, kind)
     with _templates_lock:
         code = _templates.get(key)
         if code is not None:
@@ -193,24 +217,34 @@ def _template(freevars: tuple[str, ...], sig: Signature | None, ndefaults: int) 
             params, call, pack_a, pack_k = sig.source(ndefaults)
         # generic: skip the empty kwargs dict, the common case (half the cost of a call)
         fast = (
-            f"return {STATE_NAME}[3](*__lp_a, **__lp_k) if __lp_k else {STATE_NAME}[3](*__lp_a)"
+            f"({STATE_NAME}[3](*__lp_a, **__lp_k) if __lp_k else {STATE_NAME}[3](*__lp_a))"
             if sig is None
-            else f"return {STATE_NAME}[3]({call})"
+            else f"{STATE_NAME}[3]({call})"
         )
+        slow = f"__lp_p({pack_a}, {pack_k})"
+        define = "async def" if kind & (_COROUTINE | _ASYNC_GENERATOR) else "def"
+        if kind & _ASYNC_GENERATOR:
+            pick = (f"            __lp_g = {fast}\n"
+                    "        else:\n"
+                    f"            __lp_g = {slow}\n"
+                    f"{_FORWARD_ASYNC}")
+        else:
+            wrap = {0: "{}", _GENERATOR: "(yield from {})", _COROUTINE: "await {}"}[kind]
+            pick = (f"            return {wrap.format(fast)}\n"
+                    f"        return {wrap.format(slow)}\n")
         bind = f"    {' = '.join(freevars)} = None\n" if freevars else ""
         use = f"        if 0: ({', '.join(freevars)},)\n" if freevars else ""
         source = (
             "def __lp_ctx__():\n"
             f"{bind}"
-            f"    def __lp_trampoline__({params}):\n"
+            f"    {define} __lp_trampoline__({params}):\n"
             f"{use}"
             f"        __lp_s, __lp_v, __lp_m, __lp_f, __lp_p = {STATE_NAME}\n"
             # After ``get`` (a C call: the GIL may change hands there) the mark to match,
             # the flags and the version are all read afresh, so a transition turned
             # around meanwhile is seen: decision and call are one uninterruptible stretch.
             f"        if __lp_v.get(None) is {STATE_NAME}[2] and not __lp_s:\n"
-            f"            {fast}\n"
-            f"        return __lp_p({pack_a}, {pack_k})\n"
+            f"{pick}"
             "    return __lp_trampoline__\n"
         )
         outer = compile(source, "<livepatch dispatch>", "exec").co_consts[0]
@@ -259,10 +293,13 @@ def trampoline_for(
     ):
         sig = None
     ndefaults = len(eff[0][0] or ()) if sig is not None else 0
-    base = _template(code.co_freevars, sig, ndefaults)
+    base = _template(code.co_freevars, sig, ndefaults, code.co_flags & _KIND_FLAGS)
     names = tuple(name if n == STATE_NAME else n for n in base.co_names)
+    # a @types.coroutine generator can be awaited: so must its trampoline
+    flags = base.co_flags | (code.co_flags & _ITERABLE_COROUTINE)
     return (
-        base.replace(co_name=code.co_name, co_qualname=code.co_qualname, co_names=names),
+        base.replace(co_name=code.co_name, co_qualname=code.co_qualname, co_names=names,
+                     co_flags=flags),
         sig is not None,
     )
 
@@ -363,6 +400,9 @@ class Universe:
         self.entries: list[_Entry] = []
         self.total = 0
         self.installed = False
+        #: dispatch is over (:meth:`remove`); unlike ``not installed``, which is also
+        #: true while trampolines are still going in and the clones already serve calls
+        self.ended = False
         self._signalled: set[int] = set()  # loops with a pending _loop_safepoint
         for change in changes:
             self.sides[id(change.old.code)] = OLD
@@ -451,6 +491,7 @@ class Universe:
                 _tombstones.append((time.monotonic(), _builtins_of(func), entry.global_name))
             self.entries = []
             self.installed = False
+            self.ended = True
 
     # -- the slow path ---------------------------------------------------------------------
 
@@ -467,7 +508,7 @@ class Universe:
             # the callee's frame there is no call, loop or function entry, so the GIL
             # cannot change hands and no switch or reversal can slip in between.
             side = self.goal if rec is None or self.hybrid else rec.side
-        if not self.installed:
+        if self.ended:
             # this transition ended while we were on our way here (the GIL changed hands
             # in the walk or the lookup): go wherever calls go now
             return entry.func(*args, **kwargs)
@@ -485,7 +526,7 @@ class Universe:
         # A generator/coroutine of the non-goal version: from now until it is gone, any
         # task may resume it, so the fast path is off (see the module docstring).
         with self.lock:  # no reversal can happen while it is held: decide again inside
-            if not self.installed:
+            if self.ended:
                 return entry.func(*args, **kwargs)
             if from_universe:
                 side = self.goal if rec is None or self.hybrid else rec.side

@@ -24,24 +24,12 @@ from __future__ import annotations
 
 import logging
 import threading
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import CodeType, FunctionType
 from typing import Any
 
 log = logging.getLogger("livepatch.redirect")
-
-# Finalizing a transition puts a generator's (or coroutine's) code back over the plain
-# trampoline that stood in for it; 3.13 warns about that change of kind, which here only
-# restores what the function was.
-warnings.filterwarnings(
-    "ignore",
-    message="Assigning a code object of non-matching type",
-    category=DeprecationWarning,
-    module=r"livepatch\.redirect",
-)
-
 
 class _Keep:
     """Marker: leave this attribute of the live function as it is."""

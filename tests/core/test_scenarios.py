@@ -553,7 +553,6 @@ def test_timeout_advice_fits_the_model(env: Env, model: str) -> None:
     assert "model='hybrid'" not in str(info.value), str(info.value)
 
 
-@pytest.mark.xfail(sys.version_info >= (3, 13), reason="FINDINGS #22", strict=True)
 def test_default_model_with_deprecation_warnings_as_errors(env: Env, model: str) -> None:
     """Programs (and test suites) run with -W error: patching a generator or a coroutine
     under the default model must not depend on a deprecated code assignment."""

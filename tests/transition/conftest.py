@@ -54,16 +54,6 @@ def settle_transition(timeout: float = 10.0) -> None:
         t._done.wait(timeout)
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    # 3.13 deprecates swapping a generator function's code for a plain function's: the
-    # dispatch trampoline does exactly that on purpose (livepatch.dispatch filters it too,
-    # but pytest resets filters for each test)
-    config.addinivalue_line(
-        "filterwarnings",
-        "ignore:Assigning a code object of non-matching type:DeprecationWarning",
-    )
-
-
 @pytest.fixture(autouse=True)
 def _clean_state() -> Iterator[None]:
     settle_transition()
