@@ -13,7 +13,10 @@ compiled per set of free-variable names: a dead ``if 0: (a, b)`` reference makes
 without using them. Where both versions have the same parameters and default values it
 declares exactly those parameters and forwards them as they are (no ``*args, **kwargs``
 packing). Its state is one tuple under a unique name in the builtins dict the function
-sees, so the fast path is one frame and a specialised global load.
+sees, so the fast path is one frame and a specialised global load. A generator, coroutine
+or async-generator function gets a trampoline of its own kind that delegates to the
+version it picks (CPython 3.13 deprecates giving a function code of another kind); the
+pick then happens when the object first runs, on the stack of whoever resumes it.
 
 **The rule** (what makes "no stack runs old and new at once" hold): a call dispatches to
 the version of the *nearest enclosing frame on the current stack that runs any version of
