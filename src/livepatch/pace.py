@@ -25,7 +25,7 @@ Two things do hand over, and both are used here:
   someone set another interval meanwhile, which then stays.
 * :class:`Yielder` paces a long loop: once per ``every`` seconds it sleeps for real, so
   the patching thread is off the GIL long enough for a woken waiter to take it. It skips
-  the sleep when no other thread exists.
+  the sleep when :mod:`threading` knows of no other thread.
 """
 
 from __future__ import annotations
