@@ -23,7 +23,8 @@ Two things do hand over, and both are used here:
   it read when it began, so entering also sleeps for real once (:func:`hand_over`) to let
   such threads run. Uses nest and overlap across threads (the caller of ``apply`` and the
   transition worker); the last one out restores the saved interval exactly — unless
-  someone set another interval meanwhile, which then stays.
+  someone set another interval meanwhile, which then stays. A child forked meanwhile
+  keeps only the forking thread's uses.
 * :class:`Yielder` paces a long loop that may run outside :func:`paced`: once per
   ``every`` seconds it sleeps for real, so the patching thread is off the GIL long enough
   for a woken waiter to take it. It skips the sleep when :mod:`threading` knows of no
@@ -38,6 +39,7 @@ The price is the patching thread's own speed: it shares the GIL in slices of
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import threading
 import time
@@ -53,7 +55,8 @@ INTERVAL = 0.0002
 SLEEP = 1e-6
 
 _lock = threading.Lock()
-_depth = 0
+#: thread ident → how deep it is inside paced(); the interval is lowered while non-empty
+_holders: dict[int, int] = {}
 _saved = 0.0  # the interval to restore
 _ours = 0.0  # the interval we set, as read back
 
@@ -80,10 +83,11 @@ def _set_interval(seconds: float) -> float:
 @contextmanager
 def paced() -> Iterator[None]:
     """Lower the switch interval to :data:`INTERVAL` for the length of the block."""
-    global _depth, _saved, _ours
+    global _saved, _ours
+    me = threading.get_ident()
     with _lock:
-        _depth += 1
-        first = _depth == 1
+        first = not _holders
+        _holders[me] = _holders.get(me, 0) + 1
         if first:
             _saved = sys.getswitchinterval()
             _ours = _set_interval(INTERVAL) if _saved > INTERVAL else _saved
@@ -93,9 +97,33 @@ def paced() -> Iterator[None]:
         yield
     finally:
         with _lock:
-            _depth -= 1
-            if _depth == 0 and sys.getswitchinterval() == _ours:
-                _set_interval(_saved)
+            _leave(me)
+
+
+def _leave(me: int) -> None:
+    depth = _holders.pop(me) - 1
+    if depth:
+        _holders[me] = depth
+    elif not _holders and sys.getswitchinterval() == _ours:
+        _set_interval(_saved)
+
+
+def _after_fork_in_child() -> None:
+    """In a child only the forking thread lives on: forget the others' uses of
+    :func:`paced` (putting the interval back if none is left), and do not inherit a lock
+    that one of them held at the fork."""
+    global _lock, _holders
+    _lock = threading.Lock()
+    me = threading.get_ident()
+    mine = _holders.get(me, 0)
+    _holders = {me: mine} if mine else {}
+    if _holders or sys.getswitchinterval() != _ours:
+        return
+    if _ours != _saved:
+        _set_interval(_saved)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def handing_over(func: F) -> F:
@@ -121,6 +149,6 @@ class Yielder:
     def __call__(self) -> None:
         now = time.perf_counter()
         if now - self.last >= self.every:
-            if not _depth:
+            if not _holders:
                 hand_over()
             self.last = time.perf_counter()

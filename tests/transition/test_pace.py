@@ -10,10 +10,12 @@ occasional long stall does not decide them.
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -158,4 +160,34 @@ def test_apply_and_revert_lower_the_interval_and_put_it_back(tmp_path, model) ->
     """)
     with pytest.raises(livepatch.PatchError):
         livepatch.apply(broken, model=model, timeout=10)
+    assert sys.getswitchinterval() == odd
+
+
+def test_a_child_forked_while_another_thread_is_paced_gets_its_interval_back() -> None:
+    odd = _odd_interval()
+    entered, leave = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with pace.paced():
+            entered.set()
+            leave.wait(5)
+
+    thread = threading.Thread(target=other, name="lptest-paced", daemon=True)
+    thread.start()
+    try:
+        assert entered.wait(5)
+        assert sys.getswitchinterval() < odd
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+            pid = os.fork()
+        if pid == 0:  # the child: the other thread is gone, its paced() with it
+            ok = sys.getswitchinterval() == odd
+            with pace.paced():  # and the lock it may have held is not inherited
+                ok = ok and sys.getswitchinterval() < odd
+            os._exit(0 if ok and sys.getswitchinterval() == odd else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        leave.set()
+        thread.join(5)
     assert sys.getswitchinterval() == odd
