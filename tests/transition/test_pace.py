@@ -17,6 +17,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 
 import pytest
 
@@ -99,8 +100,9 @@ def test_yielder_hands_the_gil_over() -> None:
     assert lateness(lambda done: spin(done, pacer)) < DEFAULT / 2
 
 
-def test_paced_nests_across_threads_and_restores_exactly() -> None:
-    odd = _odd_interval()
+@contextmanager
+def paced_in_another_thread() -> Iterator[None]:
+    """Another thread sits inside paced() for the length of the block."""
     entered, leave = threading.Event(), threading.Event()
 
     def other() -> None:
@@ -109,13 +111,22 @@ def test_paced_nests_across_threads_and_restores_exactly() -> None:
             leave.wait(5)
 
     thread = threading.Thread(target=other, name="lptest-paced", daemon=True)
-    with pace.paced():
-        lowered = sys.getswitchinterval()
-        thread.start()
+    thread.start()
+    try:
         assert entered.wait(5)
-    assert sys.getswitchinterval() == lowered  # the other thread is still inside
-    leave.set()
-    thread.join(5)
+        yield
+    finally:
+        leave.set()
+        thread.join(5)
+
+
+def test_paced_nests_across_threads_and_restores_exactly() -> None:
+    odd = _odd_interval()
+    with ExitStack() as others:
+        with pace.paced():
+            lowered = sys.getswitchinterval()
+            others.enter_context(paced_in_another_thread())
+        assert sys.getswitchinterval() == lowered  # the other thread is still inside
     assert lowered < odd
     assert sys.getswitchinterval() == odd
 
@@ -165,17 +176,7 @@ def test_apply_and_revert_lower_the_interval_and_put_it_back(tmp_path, model) ->
 
 def test_a_child_forked_while_another_thread_is_paced_gets_its_interval_back() -> None:
     odd = _odd_interval()
-    entered, leave = threading.Event(), threading.Event()
-
-    def other() -> None:
-        with pace.paced():
-            entered.set()
-            leave.wait(5)
-
-    thread = threading.Thread(target=other, name="lptest-paced", daemon=True)
-    thread.start()
-    try:
-        assert entered.wait(5)
+    with paced_in_another_thread():
         assert sys.getswitchinterval() < odd
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
@@ -187,7 +188,4 @@ def test_a_child_forked_while_another_thread_is_paced_gets_its_interval_back() -
             os._exit(0 if ok and sys.getswitchinterval() == odd else 1)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
-    finally:
-        leave.set()
-        thread.join(5)
     assert sys.getswitchinterval() == odd
