@@ -11,8 +11,8 @@ only then does the holder drop it at its next bytecode boundary *and wait until 
 waiter has taken it* (forced switching). ``time.sleep(0)`` releases the GIL and takes it
 straight back: the waiter, woken but not yet running, often loses that race, and since
 the GIL did change hands its 5 ms start over. A loop that calls ``sleep(0)`` every
-millisecond left a sleeping thread waking over 1 ms late in up to a quarter of its
-wake-ups (2-core VM, other processes busy).
+millisecond left a sleeping thread waking over 1 ms late in 1% and 27% of its
+wake-ups (two runs of 400 on a 2-core VM with other processes busy).
 
 Two things do hand over, and both are used here:
 
