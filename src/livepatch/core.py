@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from livepatch import codegen, exercise, locate, redirect, transition
+from livepatch import codegen, exercise, locate, pace, redirect, transition
 from livepatch.errors import (
     AlreadyApplied,
     CallbackFailed,
@@ -761,7 +761,7 @@ def apply(
     if not isinstance(patch, Patch):
         patch = load(patch)
     chosen = Model.parse(model)
-    with LOCK:
+    with LOCK, pace.paced():
         try:
             t = _start_apply(patch, chosen, timeout, force)
         except PatchError as exc:
@@ -951,7 +951,7 @@ def revert(
     if isinstance(name, Patch):
         name = name.name
     chosen = Model.parse(model)
-    with LOCK:
+    with LOCK, pace.paced():
         record = _find(name)
         if record is None:
             applied = ", ".join(r.patch.name for r in _applied) or "none"

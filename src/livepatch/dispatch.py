@@ -68,6 +68,7 @@ from typing import Any
 
 from livepatch import tasks
 from livepatch.errors import UnsafeChange
+from livepatch.pace import Yielder, handing_over
 from livepatch.redirect import KEEP, Version
 
 OLD, NEW = 0, 1
@@ -92,21 +93,6 @@ def _sweep_tombstones() -> None:
         _, holder, name = _tombstones.pop(0)
         holder.pop(name, None)
 
-
-class Yielder:
-    """Lets waiting threads run once per `every` seconds of a long loop of the patching
-    thread, so no thread waits the whole 5 ms switch interval for the GIL (and the loop
-    does not pay a hand-over per item when many threads are runnable)."""
-
-    def __init__(self, every: float = 0.001) -> None:
-        self.every = every
-        self.last = time.perf_counter()
-
-    def __call__(self) -> None:
-        now = time.perf_counter()
-        if now - self.last >= self.every:
-            time.sleep(0)
-            self.last = time.perf_counter()
 
 _templates: dict[tuple[Any, ...], CodeType] = {}
 _templates_lock = threading.Lock()
@@ -413,6 +399,7 @@ class Universe:
 
     # -- installing and removing trampolines ------------------------------------------
 
+    @handing_over
     def install(self, caller_frame: FrameType | None) -> None:
         """Put trampolines in, then record every existing task as behind (old universe).
 
@@ -647,6 +634,7 @@ class Universe:
 
     # -- checking and switching tasks from outside ----------------------------------------
 
+    @handing_over
     def check_all(self, *, switch: bool) -> None:
         """Look at every task behind the goal: forget dead ones, switch clean ones
         (``switch=True``: hybrid), note what blocks the others."""
@@ -758,6 +746,7 @@ class Universe:
 
     # -- reversing -------------------------------------------------------------------------
 
+    @handing_over
     def reverse(self, caller_frame: FrameType | None) -> None:
         """Flip the goal: tasks that reached the new universe must go back."""
         with self.lock:

@@ -1,0 +1,191 @@
+"""Pacing (livepatch.pace): the patching thread really hands the GIL over, and the switch
+interval it lowers for that is always put back exactly.
+
+The hand-over tests use real threads: one busy in pure Python (as the patching thread is
+while it compiles and installs), one that sleeps 1 ms at a time and measures how late it
+wakes. Without a hand-over it wakes about one switch interval (5 ms) late every time; the
+assertions are on the median lateness against half of that, so a loaded machine's
+occasional long stall does not decide them.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+
+import pytest
+
+import livepatch
+from livepatch import pace
+
+from .conftest import import_source, patch_for
+
+DEFAULT = 0.005
+
+
+@pytest.fixture(autouse=True)
+def _default_interval() -> Iterator[None]:
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(DEFAULT)
+    yield
+    sys.setswitchinterval(old)
+
+
+def _odd_interval() -> float:
+    """An interval above pace.INTERVAL that a naive get/set round trip would change."""
+    for us in range(int(pace.INTERVAL * 1e6) + 1, 5000):
+        sys.setswitchinterval(us / 1e6)
+        seen = sys.getswitchinterval()
+        sys.setswitchinterval(seen)
+        if sys.getswitchinterval() != seen:
+            sys.setswitchinterval(us / 1e6)
+            return sys.getswitchinterval()
+    pytest.skip("every interval survives a round trip here")
+
+
+def lateness(busy: Callable[[threading.Event], None], wakeups: int = 30) -> float:
+    """Median lateness of a 1 ms sleep in one thread while `busy` runs in this one."""
+    late: list[float] = []
+    done = threading.Event()
+
+    def sleeper() -> None:
+        try:
+            for _ in range(wakeups):
+                t = time.perf_counter()
+                time.sleep(0.001)
+                late.append(time.perf_counter() - t - 0.001)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=sleeper, name="lptest-sleeper", daemon=True)
+    thread.start()
+    busy(done)
+    thread.join(5)
+    assert len(late) == wakeups
+    return statistics.median(late)
+
+
+def spin(done: threading.Event, step: Callable[[], None] = lambda: None) -> None:
+    deadline = time.monotonic() + 5  # bounded even if the sleeper never gets to run
+    while not done.is_set() and time.monotonic() < deadline:
+        x = 0
+        for i in range(200):  # pure Python: only the switch interval stops it
+            x += i
+        step()
+
+
+def test_busy_thread_starves_a_sleeper_without_pacing() -> None:
+    """The control: what the other tests must beat (else they prove nothing)."""
+    assert lateness(spin) > DEFAULT * 0.7
+
+
+def test_paced_hands_the_gil_over() -> None:
+    def busy(done: threading.Event) -> None:
+        with pace.paced():
+            assert sys.getswitchinterval() == pytest.approx(pace.INTERVAL)
+            spin(done)
+
+    assert lateness(busy) < DEFAULT / 2
+    assert sys.getswitchinterval() == DEFAULT
+
+
+def test_yielder_hands_the_gil_over() -> None:
+    pacer = pace.Yielder()
+    assert lateness(lambda done: spin(done, pacer)) < DEFAULT / 2
+
+
+@contextmanager
+def paced_in_another_thread() -> Iterator[None]:
+    """Another thread sits inside paced() for the length of the block."""
+    entered, leave = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with pace.paced():
+            entered.set()
+            leave.wait(5)
+
+    thread = threading.Thread(target=other, name="lptest-paced", daemon=True)
+    thread.start()
+    try:
+        assert entered.wait(5)
+        yield
+    finally:
+        leave.set()
+        thread.join(5)
+
+
+def test_paced_nests_across_threads_and_restores_exactly() -> None:
+    odd = _odd_interval()
+    with ExitStack() as others:
+        with pace.paced():
+            lowered = sys.getswitchinterval()
+            others.enter_context(paced_in_another_thread())
+        assert sys.getswitchinterval() == lowered  # the other thread is still inside
+    assert lowered < odd
+    assert sys.getswitchinterval() == odd
+
+
+def test_paced_keeps_an_interval_set_meanwhile() -> None:
+    with pace.paced():
+        sys.setswitchinterval(0.003)
+    assert sys.getswitchinterval() == 0.003
+
+
+def test_paced_restores_on_exception() -> None:
+    odd = _odd_interval()
+    with pytest.raises(ZeroDivisionError), pace.paced():
+        1 / 0  # noqa: B018
+    assert sys.getswitchinterval() == odd
+
+
+@pytest.mark.parametrize("model", ["hybrid", "two_universe", "stop"])
+def test_apply_and_revert_lower_the_interval_and_put_it_back(tmp_path, model) -> None:
+    odd = _odd_interval()
+    mod = import_source(tmp_path, "def f(x):\n    return x + 1\n")
+    seen: list[float] = []
+    p = patch_for(mod, f"pace-{model}", """
+        @patch.function("M:f")
+        def f(x):
+            return x + 2
+    """)
+    p.pre_patch(lambda: seen.append(sys.getswitchinterval()))
+    p.pre_unpatch(lambda: seen.append(sys.getswitchinterval()))
+    livepatch.apply(p, model=model, timeout=10)
+    assert mod.f(1) == 3
+    assert sys.getswitchinterval() == odd
+    livepatch.revert(p.name, model=model, timeout=10)
+    assert mod.f(1) == 2
+    assert sys.getswitchinterval() == odd
+    assert seen == [pytest.approx(pace.INTERVAL)] * 2  # the engine's bulk work ran paced
+
+    broken = patch_for(mod, f"pace-broken-{model}", """
+        @patch.function("M:missing")
+        def missing(x):
+            return x
+    """)
+    with pytest.raises(livepatch.PatchError):
+        livepatch.apply(broken, model=model, timeout=10)
+    assert sys.getswitchinterval() == odd
+
+
+def test_a_child_forked_while_another_thread_is_paced_gets_its_interval_back() -> None:
+    odd = _odd_interval()
+    with paced_in_another_thread():
+        assert sys.getswitchinterval() < odd
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+            pid = os.fork()
+        if pid == 0:  # the child: the other thread is gone, its paced() with it
+            ok = sys.getswitchinterval() == odd
+            with pace.paced():  # and the lock it may have held is not inherited
+                ok = ok and sys.getswitchinterval() < odd
+            os._exit(0 if ok and sys.getswitchinterval() == odd else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    assert sys.getswitchinterval() == odd
