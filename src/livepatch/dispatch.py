@@ -319,6 +319,10 @@ class _Entry:
 
     #: the builtins name the trampoline reads its state from (unique per function)
     global_name: str
+    #: the function's code when the entry was made (install checks it is still there)
+    original: CodeType
+    #: what the trampoline reads from `global_name`
+    state: tuple[Any, ...] = ()
 
     def trampoline_defaults(self) -> tuple[Any, Any]:
         if not self.exact:
@@ -403,19 +407,28 @@ class Universe:
     def install(self, caller_frame: FrameType | None) -> None:
         """Put trampolines in, then record every existing task as behind (old universe).
 
-        Runs with :attr:`lock` held throughout: a task calling a trampolined function
-        before it knows its record waits on the lock (``installing`` flag) instead of
-        guessing its universe.
+        While trampolines go in (``installing``) every call takes the slow path and the
+        old version — some functions still run their old code directly, so nobody may
+        run a new version yet — and nobody switches. That needs no lock, so a thread
+        calling into the patch meanwhile does not wait for the whole install. Clones and
+        trampolines are built first, so that window is only the stores themselves.
         """
         _sweep_tombstones()
-        with self.lock:
-            self.slow["installing"] = True
-            try:
-                pace = Yielder()
-                for change in self.changes:
-                    for func in change.slot.funcs:
-                        self._install_one(func, change.old, change.new)
-                    pace()
+        pace = Yielder()
+        ready = []
+        for change in self.changes:
+            for func in change.slot.funcs:
+                ready.append(self._prepare(func, change.old, change.new))
+            pace()
+        self.slow["installing"] = True
+        try:
+            for entry in ready:
+                if (entry.func.__code__ is not entry.original
+                        or entry.func.__defaults__ is not entry.saved_defaults
+                        or entry.func.__kwdefaults__ is not entry.saved_kwdefaults):
+                    entry = self._prepare(entry.func, *entry.versions)  # changed meanwhile
+                self._install_one(entry)
+            with self.lock:
                 self.installed = True
                 caller = tasks.current_key()
                 for info in tasks.all_tasks():
@@ -425,10 +438,10 @@ class Universe:
                 self.total = len(self.records) + 1
                 if self._gen_codes(OLD):
                     self.slow["scanning"] = True
-            finally:
-                self.slow.pop("installing", None)
+        finally:
+            self.slow.pop("installing", None)
 
-    def _install_one(self, func: FunctionType, old: Version, new: Version) -> None:
+    def _prepare(self, func: FunctionType, old: Version, new: Version) -> _Entry:
         defaults, kwdefaults = func.__defaults__, func.__kwdefaults__
         clones = (_clone(func, old, defaults, kwdefaults), _clone(func, new, defaults, kwdefaults))
         name = f"__livepatch_{next(_ids)}__"
@@ -443,11 +456,17 @@ class Universe:
             trampoline,
             exact,
             name,
+            func.__code__,
         )
+        entry.state = self._state(entry)
+        return entry
+
+    def _install_one(self, entry: _Entry) -> None:
+        func = entry.func
         d, kw = entry.trampoline_defaults()
         # The state lives in the builtins the function sees (``func.__builtins__``): a
         # specialised LOAD_GLOBAL finds it in a few ns, and no module namespace changes.
-        _builtins_of(func)[name] = self._state(entry)
+        _builtins_of(func)[entry.global_name] = entry.state
         # Three stores with no call or backward jump between them: no other thread can
         # run in between (the GIL is only handed over at those points).
         func.__code__ = entry.trampoline
@@ -491,7 +510,10 @@ class Universe:
         from_universe = side is None
         rec = None
         mark = _NEVER
-        if side is None:
+        installing = side is None and "installing" in self.slow
+        if installing:
+            side = OLD  # see install(): the universe everyone is in until it ends
+        elif side is None:
             mark = self.mark  # before the goal: reverse() writes the goal, then the mark
             rec = self._record_of_caller()
             # The universe decision is read here and acted on at once: from this line to
@@ -518,7 +540,7 @@ class Universe:
         with self.lock:  # no reversal can happen while it is held: decide again inside
             if self.ended:
                 return entry.func(*args, **kwargs)
-            if from_universe:
+            if from_universe and not installing:
                 side = self.goal if rec is None or self.hybrid else rec.side
             fn = entry.clones[side]
             if side == self.goal:
@@ -543,7 +565,7 @@ class Universe:
         ``hybrid`` switches it here: a call into the patch from a clean stack."""
         key = tasks.current_key()
         rec = self.records.get(key)
-        if rec is None and ("installing" in self.slow or "reversing" in self.slow):
+        if rec is None and "reversing" in self.slow:
             with self.lock:  # wait for the enumeration to finish, then look again
                 rec = self.records.get(key)
         if rec is not None and rec.side != self.goal and self.hybrid:
@@ -568,10 +590,17 @@ class Universe:
         rec = self.records.get(tasks.current_key())
         if rec is None or rec.side == self.goal:
             return True
-        with self.lock:  # the check and the switch against one goal (no reversal between)
+        # The check and the switch against one goal (no reversal between). A safe point
+        # runs no patched code, so it need not wait while the worker holds the lock
+        # checking every task: it only misses this chance to switch.
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
             if not self._clean(frame):
                 return False
             self.switch(rec)
+        finally:
+            self.lock.release()
         return True
 
     # -- generators and coroutines ---------------------------------------------------------
