@@ -33,6 +33,7 @@ LEAVES = []
 IN_SERVE = threading.Event()
 IN_MIDDLE = threading.Event()
 GO = threading.Event()
+IN_BUSY = threading.Event()
 
 
 def serve(stop, rounds=-1):
@@ -50,6 +51,7 @@ def serve(stop, rounds=-1):
 
 
 def busy():
+    IN_BUSY.set()
     while not GO.is_set():
         time.sleep(0.001)
     return 1
@@ -184,7 +186,7 @@ def test_running_enclosing_frame_is_named_and_holds_the_transition(tmp_module, m
         assert "lptest-serve" in holder.task, t.blockers
         assert t.tasks_switched < t.tasks_total
         mark = len(m.RESULTS)
-        time.sleep(0.05)
+        _wait_for(lambda: len(m.RESULTS) > mark + 3)
         assert _kinds(m.RESULTS, mark) == {"old"}  # the frame keeps its version meanwhile
         returned = serving.finish()
         t.wait(5)
@@ -319,7 +321,7 @@ def test_running_middle_function_holds_the_transition(tmp_module):
         assert not t.done
         assert _frames_named(t.blockers, "outer.<locals>.middle"), t.blockers
         mark = len(m.LEAVES)
-        time.sleep(0.05)
+        _wait_for(lambda: len(m.LEAVES) > mark + 3)
         assert _kinds(m.LEAVES, mark) == {"old"}
         serving.finish()
         t.wait(5)
@@ -338,9 +340,8 @@ def test_enclosing_frame_entered_by_a_switched_task_holds_finalization(tmp_modul
     busy = threading.Thread(target=m.busy, name="lptest-busy")
     busy.start()
     try:
-        time.sleep(0.05)
+        assert m.IN_BUSY.wait(5)
         t = livepatch.apply(patch, model="hybrid", timeout=10, wait=False)
-        time.sleep(0.05)
         assert not t.done
         # born during the transition: in the new universe, yet it runs serve's old code
         with _Serving(m.serve, name="lptest-late") as serving:
