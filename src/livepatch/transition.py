@@ -534,6 +534,14 @@ def _timeout_message(t: Transition, what: str) -> str:
     else:
         advice = ("let the named generators/coroutines finish or give the tasks a safe "
                   "point, retry with a longer timeout, or force=True")
+    frames = [f for b in t.blockers for f in b.frames]
+    enclosing = sorted({
+        code.co_qualname for c in t.changes for side in c.enclosing for code in side
+        if any(f.endswith(f" in {code.co_qualname}") for f in frames)
+    })
+    if enclosing:  # no safe point helps there: only the frame's return does
+        advice = (f"let {', '.join(enclosing)} return first (a running enclosing function "
+                  f"makes closures of the code it started with); or {advice}")
     return (
         f"{t.patch}: {what} after {t.timeout:g}s, {len(t.blockers)} blocker(s): "
         f"{shown}{more}; nothing changed — {advice}"
