@@ -427,11 +427,12 @@ def _prepare(patch: Patch, spec: FunctionSpec) -> tuple[_Prepared, PlannedChange
 
     verified, note = _verify(spec, ctx, slot)
     if target.nested:
-        running = _running_enclosing(slot)
+        running = _running_enclosing(slot, code)
         if running:
             target.warning = (
                 f"{running} running now; closures it creates keep the old code until it "
-                "returns (its frame runs the code it started with)"
+                "returns (its frame runs the code it started with): the transition waits "
+                "for that, except under model='immediate'"
             )
     if target.warning:
         note += "; " + target.warning
@@ -441,11 +442,9 @@ def _prepare(patch: Patch, spec: FunctionSpec) -> tuple[_Prepared, PlannedChange
     return _Prepared(spec, slot, version, target.module), PlannedChange(spec.target, verified, note)
 
 
-def _running_enclosing(slot: Slot) -> str | None:
+def _running_enclosing(slot: Slot, new: types.CodeType) -> str | None:
     """A thread running an enclosing function of a nested target, if any."""
-    codes = {id(outer.__code__) for outer in slot.outers}
-    codes |= {id(c) for outer in slot.outers
-              if (s := redirect.slot_for(("func", id(outer)))) for c in s.seen.values()}
+    codes = {id(code) for code in slot.enclosing_sides(new)[0]}
     for ident, frame in sys._current_frames().items():
         current: Any = frame
         while current is not None:

@@ -398,6 +398,11 @@ class Universe:
         self.ended = False
         self._signalled: set[int] = set()  # loops with a pending _loop_safepoint
         for change in changes:
+            # a frame of an enclosing function is on the side of the closures it makes
+            for side in (OLD, NEW):
+                for code in change.enclosing[side]:
+                    self.sides[id(code)] = side
+        for change in changes:
             self.sides[id(change.old.code)] = OLD
             self.sides[id(change.new.code)] = NEW
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import CodeType, FunctionType
@@ -105,6 +106,11 @@ class Slot:
     #: constants may still hold any of them). Code objects compare *equal* when compiled
     #: from the same source, so identity is the only safe key.
     seen: dict[int, CodeType] = field(default_factory=dict)
+    #: enclosing code objects that rewrite_outers replaced, held weakly: a frame still
+    #: running one keeps it alive (and keeps making closures from its constant)
+    replaced_outers: weakref.WeakValueDictionary[int, CodeType] = field(
+        default_factory=weakref.WeakValueDictionary
+    )
 
     def __post_init__(self) -> None:
         if self.ident is None:
@@ -208,7 +214,37 @@ class Slot:
     def rewrite_outers(self, code: CodeType) -> None:
         """Make the enclosing functions create closures that run `code` from now on."""
         for outer in self.outers:
-            outer.__code__ = replace_named(outer.__code__, self.qualname, code)
+            before = outer.__code__
+            outer.__code__ = replace_named(before, self.qualname, code)
+            if outer.__code__ is not before:
+                self.replaced_outers[id(before)] = before
+
+    def enclosing_sides(
+        self, new: CodeType
+    ) -> tuple[tuple[CodeType, ...], tuple[CodeType, ...]]:
+        """Code of the enclosing functions (middle ones included) that a frame may be
+        running, as (makes closures of another version than `new`, makes closures of `new`).
+
+        A running frame keeps the code it started with, so it goes on creating closures from
+        that code's constant whatever is installed later: for the consistency models such a
+        frame runs the version its closures get.
+        """
+        if not self.nested:
+            return (), ()
+        codes = [outer.__code__ for outer in self.outers]
+        codes += self.replaced_outers.values()
+        for outer in self.outers[: self.fixed_outers]:
+            outer_slot = _slots.get(("func", id(outer)))
+            codes += outer_slot.seen.values() if outer_slot else ()
+        codes += [c for code in list(codes) for q in self.middle for c in named_consts(code, q)]
+        other: dict[int, CodeType] = {}
+        making_new: dict[int, CodeType] = {}
+        for code in codes:
+            made = named_consts(code, self.qualname)
+            if made:
+                side = making_new if all(c is new for c in made) else other
+                side[id(code)] = code
+        return tuple(other.values()), tuple(making_new.values())
 
 
 def _reconcile_nested(outer_slot: Slot) -> None:

@@ -61,7 +61,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any, Protocol
 
 from livepatch import dispatch, pace, stopworld, tasks
@@ -105,6 +105,13 @@ class Change:
     slot: Slot
     old: Version
     new: Version
+    #: code of the enclosing functions of a nested target, by the side (OLD, NEW) of the
+    #: closures their frames create. They get no trampoline, yet a frame running one goes
+    #: on making closures of its side, so it holds that side like a frame of the function.
+    enclosing: tuple[tuple[CodeType, ...], tuple[CodeType, ...]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.enclosing = self.slot.enclosing_sides(self.new.code)
 
 
 class Hooks(Protocol):
@@ -431,20 +438,28 @@ def _guarded(t: Transition, target: Any) -> None:
 
 def _stop_check(t: Transition, me: int) -> list[Blocker]:
     """With the world parked: which task holds a frame of an old version?"""
-    olds = {id(c.old.code) for c in t.changes}
+    olds = [c.old.code for c in t.changes]
+    olds += [code for c in t.changes for code in c.enclosing[dispatch.OLD]]
+    return _holders(olds, me)
+
+
+def _holders(codes: list[CodeType], me: int | None, *, gens: bool = True) -> list[Blocker]:
+    """Every thread (but `me`) whose stack runs one of `codes`, and with `gens`, every
+    suspended generator/coroutine that does."""
+    wanted = {id(code) for code in codes}
     names = tasks.thread_names()
     blockers = []
     for ident, top in sys._current_frames().items():
         if ident == me:
             continue
-        frames = [tasks.describe(f) for f in tasks.walk(top) if id(f.f_code) in olds]
+        frames = [tasks.describe(f) for f in tasks.walk(top) if id(f.f_code) in wanted]
         if frames:
             blockers.append(Blocker(f"thread {names.get(ident, '?')} ({ident})", frames))
-    gen_codes = [c.old.code for c in t.changes if c.old.code.co_flags & dispatch._KIND_FLAGS]
+    gen_codes = [code for code in codes if code.co_flags & dispatch._KIND_FLAGS] if gens else []
     if gen_codes:
-        gens = tasks.suspended_with(gen_codes)
-        owners = tasks.owner_of(gens, tasks.all_tasks()) if gens else {}
-        for obj in gens:
+        found = tasks.suspended_with(gen_codes)
+        owners = tasks.owner_of(found, tasks.all_tasks()) if found else {}
+        for obj in found:
             owner = owners.get(id(obj))
             who = owner.name if owner else "no task (lingering)"
             blockers.append(Blocker(who, [tasks.describe_gen(obj)]))
@@ -519,6 +534,14 @@ def _timeout_message(t: Transition, what: str) -> str:
     else:
         advice = ("let the named generators/coroutines finish or give the tasks a safe "
                   "point, retry with a longer timeout, or force=True")
+    frames = [f for b in t.blockers for f in b.frames]
+    enclosing = sorted({
+        code.co_qualname for c in t.changes for side in c.enclosing for code in side
+        if any(f.endswith(f" in {code.co_qualname}") for f in frames)
+    })
+    if enclosing:  # no safe point helps there: only the frame's return does
+        advice = (f"let {', '.join(enclosing)} return first (a running enclosing function "
+                  f"makes closures of the code it started with); or {advice}")
     return (
         f"{t.patch}: {what} after {t.timeout:g}s, {len(t.blockers)} blocker(s): "
         f"{shown}{more}; nothing changed — {advice}"
@@ -546,7 +569,8 @@ def _start_dispatch(t: Transition, caller: FrameType | None) -> None:
 def _update(t: Transition) -> None:
     u = t._universe
     assert u is not None
-    blockers = [Blocker(r.info.name, list(r.blocking)) for r in u.behind()]
+    pending = u.behind()
+    blockers = [Blocker(r.info.name, list(r.blocking)) for r in pending]
     lingering = u.lingering()
     if lingering:
         owners = tasks.owner_of(lingering, [r.info for r in list(u.records.values())])
@@ -557,9 +581,23 @@ def _update(t: Transition) -> None:
                 blockers.append(Blocker("no task (lingering)", [tasks.describe_gen(obj)]))
             elif id(owner.key) not in behind:  # switched, but still drives an old one
                 blockers.append(Blocker(owner.name, [tasks.describe_gen(obj)]))
+    named = {r.info.name for r in pending}
+    # the heap walk for suspended ones only once no task is behind: until then the
+    # transition cannot end anyway, and behind tasks' own frames are checked already
+    blockers += [b for b in _enclosing_holders(t, gens=not pending) if b.task not in named]
     t.blockers = blockers
     t.tasks_total = u.total
     t.tasks_switched = u.switched()
+
+
+def _enclosing_holders(t: Transition, *, gens: bool) -> list[Blocker]:
+    """Frames of any task running enclosing code of the side being left. Enclosing
+    functions have no trampoline: a task at the goal may have called one since it
+    switched, and that frame makes closures of the other side for as long as it runs."""
+    u = t._universe
+    assert u is not None
+    codes = [code for c in t.changes for code in c.enclosing[1 - u.goal]]
+    return _holders(codes, None, gens=gens) if codes else []
 
 
 def _run_dispatch(t: Transition) -> None:
@@ -625,7 +663,7 @@ def _end_dispatch(t: Transition, *, forced: bool = False) -> bool:
     u = t._universe
     assert u is not None
     with _engine_lock(), u.lock:
-        if not forced and not u.done():
+        if not forced and (not u.done() or _enclosing_holders(t, gens=True)):
             return False
         u.remove(u.goal)
         if u.goal == dispatch.NEW:

@@ -192,8 +192,7 @@ def serve():
 
 @pytest.mark.parametrize(
     "model",
-    ["immediate",
-     pytest.param("hybrid", marks=pytest.mark.xfail(reason="FINDINGS #29", strict=True))],
+    ["immediate", "hybrid"],
 )
 def test_closures_made_by_a_running_enclosing_frame(env: Env, model: str) -> None:
     """A long-running function keeps defining a nested function (a server loop making a
