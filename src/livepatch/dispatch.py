@@ -68,7 +68,7 @@ from typing import Any
 
 from livepatch import tasks
 from livepatch.errors import UnsafeChange
-from livepatch.pace import Yielder, handing_over
+from livepatch.pace import Yielder
 from livepatch.redirect import KEEP, Version
 
 OLD, NEW = 0, 1
@@ -334,6 +334,8 @@ class _Entry:
 
 
 _RUN_LOOP = {asyncio.BaseEventLoop.run_forever.__code__}
+#: records check_all looks at per hold of the lock
+_CHECK_CHUNK = 32
 
 
 def _under_a_loop(frames: list[FrameType], bad: list[FrameType], hosts_tasks: bool) -> bool:
@@ -408,7 +410,6 @@ class Universe:
 
     # -- installing and removing trampolines ------------------------------------------
 
-    @handing_over
     def install(self, caller_frame: FrameType | None) -> None:
         """Put trampolines in, then record every existing task as behind (old universe).
 
@@ -668,42 +669,58 @@ class Universe:
 
     # -- checking and switching tasks from outside ----------------------------------------
 
-    @handing_over
     def check_all(self, *, switch: bool) -> None:
         """Look at every task behind the goal: forget dead ones, switch clean ones
-        (``switch=True``: hybrid), note what blocks the others."""
+        (``switch=True``: hybrid), note what blocks the others.
+
+        Takes the lock a few records at a time, so that tasks switching themselves (a
+        safe point, a clean call in ``hybrid``) are not held up by a check of a thousand
+        tasks. Between two chunks a task may have moved on since the snapshot; that is
+        harmless, because a task behind with a clean stack cannot get an old frame back
+        except through the slow path (which switches it in ``hybrid``) or an old
+        generator (which keeps the fast path off). A reversal meanwhile ends the check.
+        """
         sides = self.sides
         with self.lock:
-            other = 1 - self.goal  # under the lock: a reversal may have just flipped it
+            goal = self.goal
             snapshot = sys._current_frames()
-            pace = Yielder()
-            foreign = False
-            loop_threads = {r.info.thread for r in list(self.records.values())
-                            if not r.info.is_thread}
-            for key, rec in list(self.records.items()):
-                pace()
-                if rec.side == self.goal:
-                    continue
-                if not tasks.is_alive(rec.info, snapshot):
-                    rec.side = self.goal  # a task that ended holds nothing
-                    rec.blocking = []
-                    continue
-                if not rec.info.is_thread:
-                    rec.info.thread = tasks.loop_thread(key.get_loop())
-                    foreign = foreign or self._shares_a_mark(key)
-                frames = tasks.frames_of(rec.info, snapshot)
-                bad = [f for f in frames if sides.get(id(f.f_code)) == other]
-                if bad:
-                    rec.blocking = [tasks.describe(f) for f in bad]
-                    foreign = foreign or (
-                        rec.info.is_thread and _under_a_loop(frames, bad, key in loop_threads)
-                    )
-                elif switch:
-                    rec.side = self.goal
-                    rec.blocking = []
-                else:
-                    rec.blocking = ["(waiting for a safe point)"]
-            del snapshot
+            items = list(self.records.items())
+            loop_threads = {r.info.thread for _, r in items if not r.info.is_thread}
+        other = 1 - goal
+        pace = Yielder()
+        foreign = False
+        for start in range(0, len(items), _CHECK_CHUNK):
+            with self.lock:
+                if self.goal != goal:
+                    return  # turned around: the next check starts afresh
+                for key, rec in items[start:start + _CHECK_CHUNK]:
+                    if rec.side == goal:
+                        continue
+                    if not tasks.is_alive(rec.info, snapshot):
+                        rec.side = goal  # a task that ended holds nothing
+                        rec.blocking = []
+                        continue
+                    if not rec.info.is_thread:
+                        rec.info.thread = tasks.loop_thread(key.get_loop())
+                        foreign = foreign or self._shares_a_mark(key)
+                    frames = tasks.frames_of(rec.info, snapshot)
+                    bad = [f for f in frames if sides.get(id(f.f_code)) == other]
+                    if bad:
+                        rec.blocking = [tasks.describe(f) for f in bad]
+                        foreign = foreign or (
+                            rec.info.is_thread
+                            and _under_a_loop(frames, bad, key in loop_threads)
+                        )
+                    elif switch:
+                        rec.side = goal
+                        rec.blocking = []
+                    else:
+                        rec.blocking = ["(waiting for a safe point)"]
+            pace()
+        del snapshot
+        with self.lock:
+            if self.goal != goal:
+                return
             if foreign:
                 self.slow["foreign"] = True
             else:
@@ -780,7 +797,6 @@ class Universe:
 
     # -- reversing -------------------------------------------------------------------------
 
-    @handing_over
     def reverse(self, caller_frame: FrameType | None) -> None:
         """Flip the goal: tasks that reached the new universe must go back."""
         with self.lock:

@@ -33,19 +33,24 @@ Two things do hand over, and both are used here:
   stack check over 1,065 tasks took longer with both than with the interval alone).
 
 The price is the patching thread's own speed: it shares the GIL in slices of
-:data:`INTERVAL` instead of 5 ms, so with many busy threads a transition takes longer.
+:data:`INTERVAL` instead of 5 ms, so with many busy threads it queues for the GIL after
+every slice. Measured with ``benchmarks/bench_transition.py`` (64 request-like threads and
+1,000 asyncio tasks), pacing the transition itself made hybrid transitions 1.5 to 3 times
+slower and two_universe ones 2 to 5 times. So only the engine's planning (compiling and
+checking every function, before the transition starts: tens of ms for 100 functions) runs
+inside :func:`paced`; the transition's own loops hand over through :class:`Yielder`, and
+its one window where every call takes the slow path (the stores of the trampolines) is
+kept to a fraction of a millisecond instead.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
 
 #: the switch interval while bulk work runs (seconds): a waiting thread forces a hand-over
 #: after this long, well inside the 1 ms pause budget
@@ -59,8 +64,6 @@ _lock = threading.Lock()
 _holders: dict[int, int] = {}
 _saved = 0.0  # the interval to restore
 _ours = 0.0  # the interval we set, as read back
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 def hand_over() -> None:
@@ -124,17 +127,6 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def handing_over(func: F) -> F:
-    """Decorator: run `func` inside :func:`paced`."""
-
-    @functools.wraps(func)
-    def paced_call(*args: Any, **kwargs: Any) -> Any:
-        with paced():
-            return func(*args, **kwargs)
-
-    return paced_call  # type: ignore[return-value]
 
 
 class Yielder:

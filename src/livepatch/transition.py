@@ -64,7 +64,7 @@ from enum import Enum
 from types import CodeType, FrameType
 from typing import Any, Protocol
 
-from livepatch import dispatch, pace, stopworld, tasks
+from livepatch import dispatch, stopworld, tasks
 from livepatch.errors import PatchError, TransitionBusy, TransitionTimeout
 from livepatch.redirect import Slot, Version
 
@@ -653,7 +653,6 @@ def _turn_around(t: Transition, error: PatchError | None, caller: FrameType | No
              "timeout" if error is not None else "revert requested")
 
 
-@pace.handing_over
 def _end_dispatch(t: Transition, *, forced: bool = False) -> bool:
     """Every task is at the goal: install it directly and end the dispatch.
 
