@@ -35,13 +35,12 @@ Two things do hand over, and both are used here:
 The price is the patching thread's own speed: it shares the GIL in slices of
 :data:`INTERVAL` instead of 5 ms, so with many busy threads it queues for the GIL after
 every slice. Measured with ``benchmarks/bench_transition.py`` (64 request-like threads and
-1,000 asyncio tasks), pacing the transition worker's loops too made hybrid transitions
-1.5 to 3 times slower and two_universe ones 2 to 5 times. So only the ``apply`` and
-``revert`` calls run inside :func:`paced` (planning: compiling and checking every function,
-tens of ms for 100 functions; installing; the first check), not the worker that finishes
-the transition: its loops hand over through :class:`Yielder`, and the one window where
-every call takes the slow path (the stores of the trampolines) is kept to a fraction of a
-millisecond.
+1,000 asyncio tasks), pacing the transition itself made hybrid transitions 1.5 to 3 times
+slower and two_universe ones 2 to 5 times. So only the engine's planning (compiling and
+checking every function, before the transition starts: tens of ms for 100 functions) runs
+inside :func:`paced`; the transition's own loops hand over through :class:`Yielder`, and
+its one window where every call takes the slow path (the stores of the trampolines) is
+kept to a fraction of a millisecond instead.
 """
 
 from __future__ import annotations
