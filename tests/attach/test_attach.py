@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from attach_targets import OURS, TARGET, Target
 
+import livepatch
 from livepatch.agent import discovery
 from livepatch.agent.attach import AttachFailed, attach
 from livepatch.agent.client import AgentClient
@@ -117,6 +118,14 @@ NOBODY = 65534
 @pytest.mark.skipif(
     not SYSTEM_PYTHON.exists(), reason=f"needs {SYSTEM_PYTHON}, which another user can run"
 )
+def _others_can_read(folder: Path) -> bool:
+    """Whether a user with no special rights can reach and read `folder`."""
+    folder = folder.resolve()
+    if not folder.stat().st_mode & 0o004:
+        return False
+    return all(p.stat().st_mode & 0o001 for p in [folder, *folder.parents])
+
+
 def test_root_attaches_to_a_process_of_another_user(isolated_env):
     # the target cannot read our private staging directory unless attach hands it over
     home = Path(tempfile.mkdtemp(prefix="livepatch-nobody-"))
@@ -128,9 +137,19 @@ def test_root_attaches_to_a_process_of_another_user(isolated_env):
         "LIVEPATCH_STATE_DIR": str(home / "state"),
         "LIVEPATCH_AUDIT_LOG": str(home / "audit.jsonl"),
     }
-    argv = [str(SYSTEM_PYTHON), str(TARGET), "sleep"]
+    # its own copy of the script: a checkout may sit in a directory only we can read
+    script = home / TARGET.name
+    shutil.copy(TARGET, script)
+    os.chown(script, NOBODY, NOBODY)
+    argv = [str(SYSTEM_PYTHON), str(script), "sleep"]
     target = Target(argv, env, user=NOBODY, group=NOBODY, extra_groups=[])
     try:
+        if not _others_can_read(Path(livepatch.__file__).parent):
+            # a checkout in a private directory (mktemp -d): the user cannot import us,
+            # and attach must say so and what to do
+            with pytest.raises(AttachFailed, match="install livepatch where that user"):
+                attach(target.pid, timeout=20)
+            return
         result = attach(target.pid, timeout=20)
         socket = Path(result.socket_path)
         assert socket.parent == home / "sockets" and socket.stat().st_uid == NOBODY

@@ -37,6 +37,7 @@ from typing import Any
 
 import click
 
+import livepatch
 from livepatch.agent.inject_bootstrap import bootstrap_source
 from livepatch.agent.inject_errors import AttachFailed, AttachRefused
 from livepatch.agent.inject_probe import Target, probe
@@ -99,9 +100,14 @@ def attach(pid: int, timeout: float = 10.0) -> AttachResult:
     _check_compatible(target)
     report = run_bootstrap(target, deadline, timeout)
     if not report.get("ok"):
+        error = str(report.get("error", "no reason given"))
+        hint = ""
+        if "No module named 'livepatch'" in error:
+            where = Path(livepatch.__file__).parent.parent
+            hint = (f"; the process's user cannot import livepatch from {where}: install "
+                    "livepatch where that user can read it")
         raise AttachFailed(
-            f"the stub ran in process {pid} but the agent did not start: "
-            f"{report.get('error', 'no reason given')}"
+            f"the stub ran in process {pid} but the agent did not start: {error}{hint}"
         )
     socket = Path(str(report.get("socket")))
     _verify(pid, socket, deadline)
