@@ -114,10 +114,6 @@ SYSTEM_PYTHON = Path(f"/usr/bin/python{OURS}")
 NOBODY = 65534
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a target as another user")
-@pytest.mark.skipif(
-    not SYSTEM_PYTHON.exists(), reason=f"needs {SYSTEM_PYTHON}, which another user can run"
-)
 def _others_can_read(folder: Path) -> bool:
     """Whether a user with no special rights can reach and read `folder`."""
     folder = folder.resolve()
@@ -126,6 +122,10 @@ def _others_can_read(folder: Path) -> bool:
     return all(p.stat().st_mode & 0o001 for p in [folder, *folder.parents])
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a target as another user")
+@pytest.mark.skipif(
+    not SYSTEM_PYTHON.exists(), reason=f"needs {SYSTEM_PYTHON}, which another user can run"
+)
 def test_root_attaches_to_a_process_of_another_user(isolated_env):
     # the target cannot read our private staging directory unless attach hands it over
     home = Path(tempfile.mkdtemp(prefix="livepatch-nobody-"))
