@@ -444,6 +444,9 @@ class Universe:
                 self.total = len(self.records) + 1
                 if self._gen_codes(OLD):
                     self.slow["scanning"] = True
+                # before the lock goes: a safe point must not switch a task while calls
+                # still go to the old version regardless of records
+                self.slow.pop("installing", None)
         finally:
             self.slow.pop("installing", None)
 
@@ -602,7 +605,7 @@ class Universe:
         if not self.lock.acquire(blocking=False):
             return False
         try:
-            if not self._clean(frame):
+            if "installing" in self.slow or not self._clean(frame):
                 return False
             self.switch(rec)
         finally:
