@@ -489,8 +489,12 @@ class Universe:
 
     def remove(self, side: int) -> None:
         """Install `side`'s version directly on every function (dispatch ends)."""
+        pace = Yielder()
         with self.lock:
             for entry in self.entries:
+                # every task is on `side` and the lock keeps it so: functions already
+                # done and trampolines still in place run the same version meanwhile
+                pace()
                 version = entry.versions[side]
                 d = entry.saved_defaults if version.defaults is KEEP else version.defaults
                 kw = entry.saved_kwdefaults if version.kwdefaults is KEEP else version.kwdefaults

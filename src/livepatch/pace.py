@@ -16,31 +16,30 @@ wake-ups (two runs of 400 on a 2-core VM with other processes busy).
 
 Two things do hand over, and both are used here:
 
-* :func:`paced` lowers the process-wide switch interval to :data:`INTERVAL` while the bulk
-  work runs, so any thread that starts waiting for the GIL meanwhile forces a hand-over
-  after that long, wherever the patching thread is (except inside one long C call: a
-  heap walk, a garbage collection). A thread that was already waiting keeps the interval
-  it read when it began, so entering also sleeps for real once (:func:`hand_over`) to let
-  such threads run. Uses nest and overlap across threads (the caller of ``apply`` and the
-  transition worker); the last one out restores the saved interval exactly — unless
-  someone set another interval meanwhile, which then stays. A child forked meanwhile
-  keeps only the forking thread's uses.
-* :class:`Yielder` paces a long loop that may run outside :func:`paced`: once per
-  ``every`` seconds it sleeps for real, so the patching thread is off the GIL long enough
-  for a woken waiter to take it. It skips the sleep when :mod:`threading` knows of no
-  other thread, and inside :func:`paced`, where the lowered interval already hands over
-  and every extra hand-over only makes the patching thread queue for the GIL again (a
-  stack check over 1,065 tasks took longer with both than with the interval alone).
+* :class:`Yielder` paces a long loop: once per :data:`EVERY` of the patching thread's CPU
+  time it sleeps for real (:func:`hand_over`), long enough for a woken waiter to take the
+  GIL and run. A 1 µs sleep (the shortest real one) was not: a waiter that the kernel
+  took longer to wake than that found the patching thread back on the GIL, and waited for
+  its next hand-over. See :class:`Yielder` for how its period adapts.
+* :func:`paced` lowers the process-wide switch interval to :data:`INTERVAL` while the
+  engine plans (compiles and verifies every function), so that a thread that starts
+  waiting for the GIL meanwhile forces a hand-over after that long wherever the patching
+  thread is (except inside one long C call: a heap walk, a garbage collection). Uses nest
+  and overlap across threads (the caller of ``apply`` and the transition worker); the
+  last one out restores the saved interval exactly — unless someone set another interval
+  meanwhile, which then stays. A child forked meanwhile keeps only the forking thread's
+  uses.
 
-The price is the patching thread's own speed: it shares the GIL in slices of
-:data:`INTERVAL` instead of 5 ms, so with many busy threads it queues for the GIL after
-every slice. Measured with ``benchmarks/bench_transition.py`` (64 request-like threads and
+The price is the patching thread's own speed. Under ``paced`` it shares the GIL in slices
+of :data:`INTERVAL` instead of 5 ms, so with many busy threads it queues for the GIL after
+every slice: measured with ``benchmarks/bench_transition.py`` (64 request-like threads and
 1,000 asyncio tasks), pacing the transition itself made hybrid transitions 1.5 to 3 times
-slower and two_universe ones 2 to 5 times. So only the engine's planning (compiling and
-checking every function, before the transition starts: tens of ms for 100 functions) runs
-inside :func:`paced`; the transition's own loops hand over through :class:`Yielder`, and
-its one window where every call takes the slow path (the stores of the trampolines) is
-kept to a fraction of a millisecond instead.
+slower and two_universe ones 2 to 5 times. So only planning runs inside :func:`paced`;
+the transition's loops hand over through :class:`Yielder` alone.
+
+What is left on a 2-core VM: a thread woken by a hand-over may still lose the GIL to
+another waiter (CPython's GIL is not first come, first served), and the host may stop a
+virtual CPU for a while. ``bench_transition`` section 2 measures the result.
 """
 
 from __future__ import annotations
@@ -52,12 +51,20 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-#: the switch interval while bulk work runs (seconds): a waiting thread forces a hand-over
-#: after this long, well inside the 1 ms pause budget
+#: the switch interval while the engine plans (seconds): a waiting thread forces a
+#: hand-over after this long, well inside the 1 ms pause budget
 INTERVAL = 0.0002
-#: how long a hand-over sleeps: the shortest real sleep (the kernel rounds it up to its
-#: timer slack, about 50 µs), enough for a woken waiter to take the GIL
-SLEEP = 1e-6
+#: how long a hand-over sleeps (the kernel adds its timer slack, about 50 µs): long
+#: enough for a woken waiter to get a CPU and the GIL before the patching thread is back
+SLEEP = 50e-6
+#: how much CPU time a Yielder lets its thread use between two hand-overs, at least
+EVERY = 0.0005
+#: ... and at most (the default switch interval: beyond it CPython hands over anyway)
+LONGEST = 0.005
+#: per thread: ``since``, its CPU time (``time.thread_time``) when it last handed over,
+#: and ``period``, the current time between hand-overs; shared by every Yielder so that
+#: loops run one after another add up
+_ran = threading.local()
 
 _lock = threading.Lock()
 #: thread ident → how deep it is inside paced(); the interval is lowered while non-empty
@@ -70,6 +77,7 @@ def hand_over() -> None:
     """Let other threads run now, if there are any (a real sleep, not ``sleep(0)``)."""
     if threading.active_count() > 1:
         time.sleep(SLEEP)
+    _ran.since = time.thread_time()
 
 
 def _set_interval(seconds: float) -> float:
@@ -95,8 +103,6 @@ def paced() -> Iterator[None]:
             _saved = sys.getswitchinterval()
             _ours = _set_interval(INTERVAL) if _saved > INTERVAL else _saved
     try:
-        if first:
-            hand_over()  # threads already waiting still count the old interval
         yield
     finally:
         with _lock:
@@ -130,24 +136,35 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Yielder:
-    """Lets waiting threads run once per `every` seconds of a long loop of the patching
-    thread, so no thread waits the whole switch interval for the GIL (and the loop does
-    not pay a hand-over per item when many threads are runnable).
+    """Paces a long loop of the patching thread: call it once per item, and once per
+    :data:`EVERY` of the thread's CPU time it hands the GIL over.
 
-    Each hand-over costs the loop a wait for the GIL, up to a switch interval per busy
-    thread. Checking 1,064 tasks under 64 request-like threads (bench_transition 1a),
-    a hybrid transition took a median of 68 ms handing over every 0.5 ms, 32 ms every
-    1 ms, 19 to 26 ms every 2 ms; a ticker's longest GIL wait inside a 100-function
-    transition went from about 2.5 to about 4.5 ms between 0.5 and 2 ms.
+    The clock is per thread and shared by every Yielder: it runs from the thread's last
+    hand-over, so loops that follow one another (install, check, remove, finalize) add up
+    instead of each starting afresh. It is CPU time, so that a loop's own waits for the
+    GIL (other threads forcing a switch) do not count as running. A clock older than
+    :data:`LONGEST` is restarted: the thread has blocked somewhere since.
+
+    Each hand-over costs the loop a wait for the GIL. When that wait was long, many
+    threads want the GIL and each of them waits for the others anyway, so the thread then
+    runs for as long as it waited (`share` times that, up to :data:`LONGEST`) before the
+    next one. Checking 1,064 tasks under 64 request-like threads (bench_transition 1a,
+    one run each), handing over every 0.5 ms regardless took a hybrid transition's median
+    from 25 to 54 ms; with the wait-sized period it was 25 ms.
     """
 
-    def __init__(self, every: float = 0.001) -> None:
+    def __init__(self, every: float = EVERY, share: float = 1.0) -> None:
         self.every = every
-        self.last = time.perf_counter()
+        self.share = share
+        now = time.thread_time()
+        if now - getattr(_ran, "since", -2 * LONGEST) > LONGEST:
+            _ran.since = now
+        if not hasattr(_ran, "period"):
+            _ran.period = every
 
     def __call__(self) -> None:
-        now = time.perf_counter()
-        if now - self.last >= self.every:
-            if not _holders:
-                hand_over()
-            self.last = time.perf_counter()
+        if time.thread_time() - _ran.since >= _ran.period:
+            start = time.perf_counter()
+            hand_over()
+            waited = time.perf_counter() - start
+            _ran.period = min(max(self.every, self.share * waited), LONGEST)

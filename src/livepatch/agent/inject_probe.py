@@ -86,6 +86,11 @@ def probe(pid: int) -> Target:
         raise AttachRefused(
             f"{label} has exited or its main thread has; attach needs a live main thread"
         )
+    if status.tracer:  # before "stopped": a tracer stops its tracee now and then
+        raise AttachRefused(
+            f"{label} is already being traced by process {status.tracer} (a debugger?); "
+            "detach it first"
+        )
     if status.state.startswith(("T", "t")):
         # ptrace would wait for a stopped thread to run, and so would the attach
         raise AttachRefused(
@@ -146,11 +151,6 @@ def _read_status(proc: Path, pid: int) -> _Status:
 def _check_ptrace_allowed(pid: int, label: str, status: _Status) -> None:
     """Refuse the cases in which the kernel would refuse PTRACE_ATTACH anyway."""
     privileged = _have_cap_sys_ptrace()
-    if status.tracer:
-        raise AttachRefused(
-            f"{label} is already being traced by process {status.tracer} (a debugger?); "
-            "detach it first"
-        )
     if not privileged:
         me = os.getuid()
         # the kernel wants the tracer's uid to equal the target's real, effective and

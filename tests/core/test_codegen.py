@@ -1,0 +1,72 @@
+"""codegen compiles a patch's ``def`` in the target's context without changing the tree
+it was given (planning shares it across compiles), including trees built by a program
+rather than parsed, whose nodes carry no line numbers."""
+
+from __future__ import annotations
+
+import ast
+import types
+
+import pytest
+
+from livepatch import codegen
+from livepatch.errors import PatchError
+
+SOURCE = '''
+@decorated
+def f(x):
+    """Doc."""
+    return x + 1
+'''
+
+
+def parsed() -> ast.FunctionDef:
+    node = ast.parse(SOURCE).body[0]
+    assert isinstance(node, ast.FunctionDef)
+    return node
+
+
+def context(freevars: tuple[str, ...] = (), class_name: str | None = None) -> codegen.Context:
+    qualname = f"{class_name}.f" if class_name else "f"
+    return codegen.Context(qualname, freevars, class_name, 0)
+
+
+@pytest.mark.parametrize(
+    "ctx",
+    [context(), context(freevars=("unused",)), context(class_name="Cart")],
+    ids=["plain", "padded free variable", "in a class"],
+)
+def test_compiling_leaves_the_given_tree_as_it_was(ctx: codegen.Context) -> None:
+    node = parsed()
+    before = ast.dump(node, include_attributes=True)
+    first = codegen.compile_function(node, ctx, "<patch>")
+    second = codegen.compile_function(node, ctx, "<patch>")
+    assert ast.dump(node, include_attributes=True) == before
+    assert first.co_freevars == second.co_freevars == ctx.freevars
+    assert first.co_qualname == ctx.qualname
+    assert first.co_firstlineno == 3  # the def's own line in the patch source
+
+
+def test_a_tree_built_without_line_numbers_compiles_at_the_def_line() -> None:
+    node = ast.FunctionDef(
+        name="f",
+        args=ast.arguments(posonlyargs=[], args=[ast.arg("x")], kwonlyargs=[],
+                           kw_defaults=[], defaults=[]),
+        body=[ast.Return(ast.BinOp(ast.Name("x", ast.Load()), ast.Add(), ast.Constant(2)))],
+        decorator_list=[],
+        lineno=7,
+        **({"type_params": []} if "type_params" in ast.FunctionDef._fields else {}),
+    )
+    code = codegen.compile_function(node, context(), "<built>")
+    fn = types.FunctionType(code, {})
+    assert fn(1) == 3
+    assert {line for _, _, line in code.co_lines() if line is not None} == {7}
+    assert getattr(node.body[0], "lineno", None) is None  # the caller's tree is untouched
+
+
+def test_a_def_that_does_not_compile_names_the_patch_line() -> None:
+    node = ast.parse("def f():\n    return (yield)\n").body[0]
+    assert isinstance(node, ast.FunctionDef)
+    node.body.append(ast.parse("nonlocal q", mode="exec").body[0])
+    with pytest.raises(PatchError, match="does not compile in the target's context"):
+        codegen.compile_function(node, context(), "<patch>")
