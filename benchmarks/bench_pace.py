@@ -14,6 +14,10 @@ Strategies:
   none          no hand-over: waiters wait for the 5 ms switch interval
   sleep(0)      time.sleep(0) every 0.5 ms of CPU: releases the GIL and takes it back
   sleep(1us)    a 1 µs sleep every 0.5 ms of CPU
+  nap(50us)     a 50 µs sleep every 0.5 ms of CPU (what Yielder does when the GIL is
+                not crowded)
+  drain         every 0.5 ms of CPU, 50 µs sleeps until the other threads' CPU time stops
+                growing (at most 1 ms): not used by livepatch, for comparison
   Yielder       livepatch.pace.Yielder (what the transition uses)
   paced         livepatch.pace.paced(): the switch interval lowered to 0.2 ms
   paced+Yielder both (what planning uses)
@@ -44,6 +48,18 @@ def every_half_ms(action: Callable[[], None]) -> Callable[[], None]:
     return step
 
 
+def drain() -> None:
+    """Nap until the other threads stop running (their CPU time stops growing), up to 1 ms."""
+    others = time.process_time() - time.thread_time()
+    end = time.perf_counter() + 0.001
+    while True:
+        time.sleep(50e-6)
+        now = time.process_time() - time.thread_time()
+        if now - others < 5e-6 or time.perf_counter() > end:
+            return
+        others = now
+
+
 @contextmanager
 def both() -> Iterator[None]:
     with pace.paced():
@@ -54,6 +70,8 @@ STRATEGIES: dict[str, Callable[[], tuple[AbstractContextManager[None], Callable[
     "none": lambda: (nullcontext(), lambda: None),
     "sleep(0)": lambda: (nullcontext(), every_half_ms(lambda: time.sleep(0))),
     "sleep(1us)": lambda: (nullcontext(), every_half_ms(lambda: time.sleep(1e-6))),
+    "nap(50us)": lambda: (nullcontext(), every_half_ms(lambda: time.sleep(50e-6))),
+    "drain": lambda: (nullcontext(), every_half_ms(drain)),
     "Yielder": lambda: (nullcontext(), pace.Yielder()),
     "paced": lambda: (pace.paced(), lambda: None),
     "paced+Yielder": lambda: (both(), pace.Yielder()),
@@ -124,8 +142,9 @@ def main() -> None:
         late = sorted(x for lates, _ in runs for x in lates)
         over = sum(x > 0.001 for x in late) / (args.rounds * args.seconds)
         work = statistics.median(units for _, units in runs) / base_units
-        print(f"{name:<14} {late[len(late) // 2] * 1e3:6.3f} ms {late[int(0.99 * len(late))] * 1e3:5.2f} ms "
-              f"{late[-1] * 1e3:5.2f} ms  {over:11.1f}  {work:15.2f}x")
+        p50, p99 = late[len(late) // 2], late[int(0.99 * len(late))]
+        print(f"{name:<14} {p50 * 1e3:6.3f} ms {p99 * 1e3:5.2f} ms {late[-1] * 1e3:5.2f} ms  "
+              f"{over:11.1f}  {work:15.2f}x")
 
 
 if __name__ == "__main__":

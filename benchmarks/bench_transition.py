@@ -15,8 +15,11 @@
    threads for milliseconds whatever the GIL does). Per window: median and max over the
    cycles of its longest gap, how many gaps over 1 ms it held, and (on Linux) the longest
    time the ticker was blocked while the program ran — the GIL's share of a pause, apart
-   from the OS's (see ``Ticker``). Target: under 1 ms for hybrid (the patching thread
-   hands the GIL over, ``livepatch.pace``); ``stop`` parks the world and reports how long.
+   from the OS's (see ``Ticker``), and the longest gap of the same ticker run in another
+   process over the same spans: a thread that shares no GIL with us, so the machine's own
+   floor (on a VM, a virtual CPU that went idle can take a millisecond to wake up).
+   Target: under 1 ms for hybrid (the patching thread hands the GIL over,
+   ``livepatch.pace``); ``stop`` parks the world and reports how long.
 
     .venv/bin/python benchmarks/bench_transition.py [--cycles N] [--models hybrid,stop]
         [--sections 1,2]
@@ -27,10 +30,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import json
 import logging
 import math
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -239,11 +244,46 @@ class Ticker:
         self.thread.join(5)
 
 
+#: a ticker in a process of its own: it shares no GIL with the benchmark, so its gaps are
+#: the machine's (a virtual CPU that went idle can take a millisecond to wake up)
+_OUTSIDE = """
+import json, sys, threading, time
+gaps, stop = [], threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+last = time.monotonic()
+while not stop.is_set():
+    time.sleep(0.0001)
+    now = time.monotonic()
+    if now - last > 0.0003:
+        gaps.append((now, now - last - 0.0001))
+    last = now
+json.dump(gaps, sys.stdout)
+"""
+
+
+class OutsideTicker:
+    """The same ticker in another process (CLOCK_MONOTONIC is system-wide on Linux):
+    how late a thread that does not share our GIL woke meanwhile."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _OUTSIDE], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        self.gaps: list[tuple[float, float]] = []
+
+    def close(self) -> None:
+        out, _ = self.proc.communicate(timeout=10)
+        self.gaps = [(t, g) for t, g in json.loads(out)]
+
+    def within(self, start: float, end: float) -> list[float]:
+        return [g for t, g in self.gaps if t >= start and t - g <= end]
+
+
 class Spread:
     """One kind of window over the cycles: its longest gap per cycle, how many gaps over
     1 ms it held in how much time (the rate says more than a maximum when the machine's
-    other load stalls threads now and then), and its longest stretch blocked while the
-    program ran."""
+    other load stalls threads now and then), its longest stretch blocked while the
+    program ran, and the longest gap of a ticker in another process in the same spans
+    (the machine's own floor: what no hand-over can remove)."""
 
     def __init__(self, label: str) -> None:
         self.label = label
@@ -251,12 +291,20 @@ class Spread:
         self.held: list[float] = []
         self.over = 0
         self.seconds = 0.0
+        self.spans: list[list[tuple[float, float]]] = []
+        self.outside: list[float] = []
 
-    def add(self, gaps: list[tuple[float, float]], seconds: float) -> None:
+    def add(self, gaps: list[tuple[float, float]], seconds: float,
+            spans: list[tuple[float, float]]) -> None:
         self.longest.append(max((g for g, _ in gaps), default=0.0))
         self.held.append(max((h for _, h in gaps), default=0.0))
         self.over += sum(g > 0.001 for g, _ in gaps)
         self.seconds += seconds
+        self.spans.append(spans)
+
+    def resolve(self, outside: OutsideTicker) -> None:
+        self.outside = [max((g for a, b in spans for g in outside.within(a, b)), default=0.0)
+                        for spans in self.spans]
 
     def line(self, model: str, held_known: bool) -> str:
         def ms(xs: list[float]) -> str:
@@ -266,6 +314,8 @@ class Spread:
                 f"over 1 ms: {self.over:3d} in {self.seconds * 1e3:5.0f} ms")
         if held_known:
             line += f"; blocked while the program ran {ms(self.held)}"
+        if self.outside:
+            line += f"; another process {ms(self.outside)}"
         return line
 
 
@@ -289,6 +339,7 @@ def pauses(model: str, cycles: int) -> list[str]:
     inside = Spread("inside transition")
     paused: list[float] = []
     held_known = False
+    outside = OutsideTicker()
     try:
         for _ in range(cycles):
             with Ticker() as ticker:
@@ -297,23 +348,31 @@ def pauses(model: str, cycles: int) -> list[str]:
                 time.sleep(0.02)
                 ts.append(livepatch.revert(patch.name, model=model, timeout=10))
                 time.sleep(0.02)
-                window = time.monotonic() - start
+                end = time.monotonic()
             paused.extend(t.paused for t in ts)
-            whole.add(ticker.within(), window)
-            spans = [ticker.within(t._t0, t._t1 or t._t0) for t in ts]
-            inside.add([g for gaps in spans for g in gaps], sum(t.elapsed for t in ts))
+            whole.add(ticker.within(start, end), end - start, [(start, end)])
+            spans = [(t._t0, t._t1 or t._t0) for t in ts]
+            inside.add([g for a, b in spans for g in ticker.within(a, b)],
+                       sum(t.elapsed for t in ts), spans)
             held_known = ticker.held_known
+            length = end - start
             with Ticker() as ticker:  # the baseline: same threads, same length, no patching
-                time.sleep(window)
-            base.add(ticker.within(), window)
+                start = time.monotonic()
+                time.sleep(length)
+                end = time.monotonic()
+            base.add(ticker.within(start, end), end - start, [(start, end)])
     finally:
         callers_stop.set()
         for c in callers:
             c.join(5)
+        outside.close()
+    for spread in (base, whole, inside):
+        spread.resolve(outside)
     lines = [s.line(model, held_known) for s in (base, whole, inside)]
     if model == "stop":
         lines[-1] += f"; world paused max {max(paused) * 1e3:.2f} ms"
     return lines
+
 
 
 def main() -> None:
@@ -344,7 +403,8 @@ def section_1(models: list[str], cycles: int) -> None:
 def section_2(models: list[str], cycles: int) -> None:
     print("\n2. longest pause seen by a ticker thread, 100-function patch, 4 caller threads;")
     print("   per window, median / max over the cycles: its longest gap; gaps over 1 ms in all;")
-    print("   the longest the ticker was blocked while the program ran (the GIL's share).")
+    print("   the longest the ticker was blocked while the program ran (the GIL's share);")
+    print("   the longest gap of the same ticker in another process (the machine's floor).")
     print("   'no patching': the same threads for as long, right after each apply+revert")
     for model in models:
         print("\n".join(pauses(model, cycles)), flush=True)

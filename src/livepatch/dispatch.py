@@ -696,7 +696,7 @@ class Universe:
         other = 1 - goal
         pace = Yielder()
         foreign = False
-        for start in range(0, len(items), _CHECK_CHUNK):
+        for start in range(0, max(len(items), 1), _CHECK_CHUNK):
             with self.lock:
                 if self.goal != goal:
                     return  # turned around: the next check starts afresh
@@ -723,16 +723,18 @@ class Universe:
                         rec.blocking = []
                     else:
                         rec.blocking = ["(waiting for a safe point)"]
+                if start + _CHECK_CHUNK >= len(items):
+                    # in the same hold as the last chunk: a hand-over before it would let
+                    # every other thread run its calls down the slow path meanwhile (and
+                    # right after install, that is every call)
+                    if foreign:
+                        self.slow["foreign"] = True
+                    else:
+                        self.slow.pop("foreign", None)
+                    self.slow.pop("unchecked", None)
+                    break
             pace()
         del snapshot
-        with self.lock:
-            if self.goal != goal:
-                return
-            if foreign:
-                self.slow["foreign"] = True
-            else:
-                self.slow.pop("foreign", None)
-            self.slow.pop("unchecked", None)
 
     def _shares_a_mark(self, task: Any) -> bool:
         """A Task behind the goal whose context carries this epoch's mark (a context
