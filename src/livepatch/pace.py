@@ -44,7 +44,9 @@ virtual CPU for a while. ``bench_transition`` section 2 measures the result.
 
 from __future__ import annotations
 
+import collections
 import os
+import statistics
 import sys
 import threading
 import time
@@ -161,10 +163,14 @@ class Yielder:
             _ran.since = now
         if not hasattr(_ran, "period"):
             _ran.period = every
+            _ran.waits = collections.deque(maxlen=5)
 
     def __call__(self) -> None:
         if time.thread_time() - _ran.since >= _ran.period:
             start = time.perf_counter()
             hand_over()
-            waited = time.perf_counter() - start
+            _ran.waits.append(time.perf_counter() - start)
+            # the median of the last few waits: one long one (the OS ran something else
+            # meanwhile) must not let the thread hold the GIL that long next time
+            waited = statistics.median(_ran.waits)
             _ran.period = min(max(self.every, self.share * waited), LONGEST)

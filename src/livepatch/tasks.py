@@ -25,7 +25,7 @@ import threading
 import types
 from asyncio import tasks as _atasks
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import CodeType, FrameType
 from typing import Any
 
@@ -58,10 +58,12 @@ class TaskInfo:
     #: ident of the thread that runs it (a Task: its loop's thread; None if that loop is
     #: not running right now)
     thread: int | None
+    #: an OS thread (its key is the ident), not an asyncio Task; a field, not a property:
+    #: checking a thousand tasks reads it several times each
+    is_thread: bool = field(init=False)
 
-    @property
-    def is_thread(self) -> bool:
-        return isinstance(self.key, int)
+    def __post_init__(self) -> None:
+        self.is_thread = isinstance(self.key, int)
 
 
 def _asyncio_tasks() -> list[asyncio.Task[Any]]:
@@ -133,12 +135,16 @@ def chain(obj: Any) -> Iterator[Any]:
     while obj is not None and seen < 10_000:
         yield obj
         seen += 1
-        nxt = getattr(obj, "cr_await", None)
-        if nxt is None:
-            nxt = getattr(obj, "gi_yieldfrom", None)
-        if nxt is None:
-            nxt = getattr(obj, "ag_await", None)
-        obj = nxt
+        obj = _next_in_chain(obj)
+
+
+def _next_in_chain(obj: Any) -> Any:
+    nxt = getattr(obj, "cr_await", None)
+    if nxt is None:
+        nxt = getattr(obj, "gi_yieldfrom", None)
+    if nxt is None:
+        nxt = getattr(obj, "ag_await", None)
+    return nxt
 
 
 def frame_of(obj: Any) -> FrameType | None:
@@ -155,7 +161,20 @@ def task_frames(
     """Every frame an asyncio Task holds: its coroutine chain, and when it is the task
     running on its loop thread right now, that thread's whole stack too."""
     task = info.key
-    frames = [f for f in (frame_of(c) for c in chain(task.get_coro())) if f is not None]
+    frames = []
+    obj = task.get_coro()
+    for _ in range(10_000):  # the same walk as chain() and frame_of(), unrolled for speed
+        kind = type(obj)
+        if kind is types.CoroutineType:
+            frame, obj = obj.cr_frame, obj.cr_await
+        elif kind is types.GeneratorType:
+            frame, obj = obj.gi_frame, obj.gi_yieldfrom
+        elif obj is None:
+            break
+        else:  # async generators, futures, other awaitables
+            frame, obj = frame_of(obj), _next_in_chain(obj)
+        if frame is not None:
+            frames.append(frame)
     loop = task.get_loop()
     if _current_tasks.get(loop) is task and info.thread is not None:
         frames.extend(walk(snapshot.get(info.thread)))
