@@ -178,9 +178,12 @@ def main() -> None:
             subprocess.run(["perf", "record", "-a", "-q", "-k", "CLOCK_MONOTONIC",
                             "-e", "sched:sched_switch", "-o", str(perf_file), "--", *child],
                            check=True, stdout=subprocess.DEVNULL)
-        except (OSError, subprocess.CalledProcessError) as exc:
-            sys.exit(f"trace_pauses: perf record failed ({exc}); it needs perf and the "
-                     "right to trace (root, or kernel.perf_event_paranoid <= -1)")
+        except OSError as exc:
+            sys.exit(f"trace_pauses: cannot run perf ({exc.strerror}); install perf")
+        except subprocess.CalledProcessError as exc:
+            sys.exit(f"trace_pauses: perf record or the traced scene failed (exit "
+                     f"{exc.returncode}, see above); tracing needs root or "
+                     "kernel.perf_event_paranoid <= -1")
         trace = subprocess.run(["perf", "script", "-i", str(perf_file), "-F",
                                 "tid,cpu,time,event,trace"], check=True,
                                capture_output=True, text=True).stdout
