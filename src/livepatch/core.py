@@ -911,6 +911,7 @@ class _ApplyHooks:
                     f"({type(exc).__name__}: {exc}); every function was put back"
                 ) from exc
             for p in self.plan.prepared:
+                handing_over()
                 redirect.register(p.slot)
             for slot in touched:
                 redirect.discard_if_idle(slot)
@@ -956,8 +957,10 @@ def _adopt_stragglers(slots: list[Slot]) -> None:
     """Closures made while a transition ran may run a version that is no longer the
     effective one; finding them walks the heap, so it happens here, with the world
     running, not in finalize."""
+    handing_over = pace.Yielder()
     with LOCK:
         for slot in _unique(slots):
+            handing_over()
             slot.adopt()
 
 
