@@ -21,8 +21,10 @@
    Target: under 1 ms for hybrid (the patching thread hands the GIL over,
    ``livepatch.pace``); ``stop`` parks the world and reports how long.
 
+3. How long the engine plans (compiles and verifies) that 100-function patch, alone.
+
     .venv/bin/python benchmarks/bench_transition.py [--cycles N] [--models hybrid,stop]
-        [--sections 1,2]
+        [--sections 1,2,3]
 """
 
 from __future__ import annotations
@@ -379,7 +381,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=10)
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--sections", default="1,2", help="which sections to run: 1, 2 or 1,2")
+    parser.add_argument("--sections", default="1,2,3", help="which sections to run: 1, 2, 3")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     logging.getLogger("livepatch").setLevel(logging.ERROR)  # "not verified" warnings
@@ -389,6 +391,8 @@ def main() -> None:
         section_1(models, args.cycles)
     if "2" in sections:
         section_2(models, args.cycles)
+    if "3" in sections:
+        section_3(args.cycles)
 
 
 def section_1(models: list[str], cycles: int) -> None:
@@ -398,6 +402,21 @@ def section_1(models: list[str], cycles: int) -> None:
     print("\n1b. transition time: 8 CPU-bound threads")
     for model in models:
         print(transition_times(model, cycles, 8, 0, cpu=True), flush=True)
+
+
+def section_3(cycles: int) -> None:
+    """How long the engine plans a 100-function patch (compile, verify): the bulk of
+    ``apply``'s own work, done before the transition, with no other thread running."""
+    module = module_from(WIDE)
+    patch = wide_patch(module, "wide-plan")
+    times = []
+    for _ in range(cycles):
+        start = time.perf_counter()
+        livepatch.plan(patch)
+        times.append(time.perf_counter() - start)
+    print("\n3. planning a 100-function patch (livepatch.plan), no other thread: "
+          f"median {statistics.median(times) * 1e3:.1f} ms, min {min(times) * 1e3:.1f} ms "
+          f"over {cycles}")
 
 
 def section_2(models: list[str], cycles: int) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import collections
+import gc
 import json
 import re
 import subprocess
@@ -45,6 +46,8 @@ def scene(cycles: int, model: str, out: Path) -> None:
     from livepatch import pace
 
     logging.getLogger("livepatch").setLevel(logging.ERROR)
+    stop = threading.Event()
+    tids: dict[str, int] = {"main": threading.get_native_id()}
     naps: list[tuple[float, float, str]] = []
     hand_over = pace.hand_over
 
@@ -56,10 +59,21 @@ def scene(cycles: int, model: str, out: Path) -> None:
         naps.append((start, time.monotonic(), where))
 
     pace.hand_over = recorded  # the Yielder looks it up at each call
+    collections_: list[tuple[float, float, int]] = []  # garbage collections in this thread
+    started: list[float] = []
+
+    def timed(phase: str, info: dict[str, int]) -> None:
+        if threading.get_native_id() != tids["main"]:
+            return
+        if phase == "start":
+            started[:] = [time.monotonic()]
+        elif started:
+            collections_.append((started[0], time.monotonic(), info["generation"]))
+
+    gc.callbacks.append(timed)
     module = bt.module_from(bt.WIDE)
     patch = bt.wide_patch(module, "traced")
-    stop = threading.Event()
-    tids: dict[str, int] = {"main": threading.get_native_id()}
+
     gaps: list[tuple[float, float]] = []
 
     def caller() -> None:
@@ -96,8 +110,9 @@ def scene(cycles: int, model: str, out: Path) -> None:
         t.join(5)
     inside = [(end, g) for end, g in gaps
               if g > 0.001 and any(a <= end and end - g <= b for a, b in spans)]
+    gc.callbacks.remove(timed)
     out.write_text(json.dumps({"tids": tids, "gaps": inside, "naps": naps,
-                               "ticks": len(gaps)}))
+                               "ticks": len(gaps), "collections": collections_}))
 
 
 SWITCH = re.compile(r"\s*\d+\s+\[(\d+)\]\s+([\d.]+):\s+sched:sched_switch:.*"
@@ -155,6 +170,17 @@ def report(data: dict[str, Any], runs: dict[int, list[tuple[float, float, str]]]
         key = f"{before} .. {after}" + (" (preempted)" if state == "R" else "")
         stretches[key] += b - a
         count[key] += 1
+    collected = data["collections"]
+    by_generation: dict[int, list[float]] = collections.defaultdict(list)
+    for a, b, generation in collected:
+        by_generation[generation].append(b - a)
+    during = sum(1 for a, b, _ in collected if any(x < b and y > a for x, y in gaps))
+    print(f"\ngarbage collections in the patching thread: {len(collected)}, "
+          f"{during} of them during those gaps")
+    for generation, lengths in sorted(by_generation.items()):
+        lengths.sort()
+        print(f"  generation {generation}: {len(lengths):3d}, median "
+              f"{lengths[len(lengths) // 2] * 1e3:.2f} ms, longest {lengths[-1] * 1e3:.2f} ms")
     print("\nthe patching thread's unbroken runs of over 0.7 ms during those gaps, by the "
           "hand-overs around them:")
     for key, seconds in sorted(stretches.items(), key=lambda kv: -kv[1])[:12]:
