@@ -4,13 +4,21 @@ rather than parsed, whose nodes carry no line numbers."""
 
 from __future__ import annotations
 
+import argparse
 import ast
+import asyncio.tasks
+import dis
+import importlib
+import json.decoder
 import types
+import typing
 
 import pytest
 
 from livepatch import codegen
 from livepatch.errors import PatchError
+
+core = importlib.import_module("livepatch.core")
 
 SOURCE = '''
 @decorated
@@ -70,3 +78,25 @@ def test_a_def_that_does_not_compile_names_the_patch_line() -> None:
     node.body.append(ast.parse("nonlocal q", mode="exec").body[0])
     with pytest.raises(PatchError, match="does not compile in the target's context"):
         codegen.compile_function(node, context(), "<patch>")
+
+
+def _names_by_dis(code: types.CodeType) -> set[str]:
+    names = {
+        str(i.argval) for i in dis.get_instructions(code)
+        if i.opname in ("LOAD_GLOBAL", "STORE_GLOBAL", "DELETE_GLOBAL", "LOAD_NAME")
+    }
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names_by_dis(const)
+    return names
+
+
+@pytest.mark.parametrize("module", [argparse, asyncio.tasks, json.decoder, typing])
+def test_global_names_read_from_bytecode_agree_with_dis(module: types.ModuleType) -> None:
+    """Planning reads the globals a replacement uses straight from its bytecode (dis made
+    an object per instruction); on whole stdlib modules, nested code and EXTENDED_ARG
+    included, it must find exactly what dis finds."""
+    assert module.__file__ is not None
+    with open(module.__file__, encoding="utf-8") as f:
+        code = compile(f.read(), module.__file__, "exec")
+    assert core._global_names(code) == _names_by_dis(code)

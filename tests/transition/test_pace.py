@@ -103,6 +103,44 @@ def test_yielder_hands_the_gil_over() -> None:
     assert lateness(lambda done: spin(done, pacer)) < DEFAULT / 2
 
 
+def burn_cpu(seconds: float, step: Callable[[], None]) -> None:
+    """Run pure Python for `seconds` of this thread's CPU time, calling `step` as it goes."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        for _ in range(50):
+            pass
+        step()
+
+
+def test_loops_one_after_another_share_the_threads_clock(monkeypatch) -> None:
+    """Two loops of 0.3 ms of CPU each: neither alone reaches the 0.5 ms period, together
+    they do, so the second hands the GIL over (each used to start a clock of its own)."""
+    handed: list[float] = []
+    hand_over = pace.hand_over
+
+    def counted() -> None:
+        handed.append(time.thread_time())
+        hand_over()
+
+    monkeypatch.setattr(pace, "hand_over", counted)
+    seen: dict[str, object] = {}
+
+    def fresh_thread() -> None:  # its own clock and period, as a transition worker has
+        start = time.thread_time()
+        burn_cpu(0.3e-3, pace.Yielder())
+        seen["after first"] = list(handed)
+        burn_cpu(0.3e-3, pace.Yielder())  # a new loop, the same clock
+        seen["after second"] = [t - start for t in handed]
+
+    thread = threading.Thread(target=fresh_thread, name="lptest-loops", daemon=True)
+    thread.start()
+    thread.join(5)
+    assert seen["after first"] == []
+    first = seen["after second"]
+    assert isinstance(first, list) and len(first) == 1
+    assert first[0] >= pace.EVERY * 0.9
+
+
 @contextmanager
 def paced_in_another_thread() -> Iterator[None]:
     """Another thread sits inside paced() for the length of the block."""
