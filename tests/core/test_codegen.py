@@ -91,12 +91,24 @@ def _names_by_dis(code: types.CodeType) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("module", [argparse, asyncio.tasks, json.decoder, typing])
-def test_global_names_read_from_bytecode_agree_with_dis(module: types.ModuleType) -> None:
+# more than 256 names: their indexes need EXTENDED_ARG
+MANY = "def f():\n    global s0\n    s0 = 1\n    del s0\n    return (" + ", ".join(
+    f"g{i}" for i in range(400)) + ")\n" + "".join(f"n{i} = m{i}\n" for i in range(300))
+
+
+@pytest.mark.parametrize("source", [argparse, asyncio.tasks, json.decoder, typing, MANY],
+                         ids=["argparse", "asyncio.tasks", "json.decoder", "typing", "many"])
+def test_global_names_read_from_bytecode_agree_with_dis(source: object) -> None:
     """Planning reads the globals a replacement uses straight from its bytecode (dis made
-    an object per instruction); on whole stdlib modules, nested code and EXTENDED_ARG
-    included, it must find exactly what dis finds."""
-    assert module.__file__ is not None
-    with open(module.__file__, encoding="utf-8") as f:
-        code = compile(f.read(), module.__file__, "exec")
-    assert core._global_names(code) == _names_by_dis(code)
+    an object per instruction); on whole stdlib modules and on code with more than 256
+    names (EXTENDED_ARG), it must find exactly what dis finds."""
+    if isinstance(source, str):
+        code = compile(source, "<many>", "exec")
+    else:
+        assert isinstance(source, types.ModuleType) and source.__file__ is not None
+        with open(source.__file__, encoding="utf-8") as f:
+            code = compile(f.read(), source.__file__, "exec")
+    found = core._global_names(code)
+    assert found == _names_by_dis(code)
+    if source is MANY:
+        assert {"g399", "m299", "s0"} <= found
