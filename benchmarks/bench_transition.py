@@ -42,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -198,8 +199,10 @@ class Ticker:
 
     def __init__(self) -> None:
         self.stop = threading.Event()
-        #: (end of the gap, its length, blocked while the program ran)
-        self.gaps: list[tuple[float, float, float]] = []
+        #: per gap: its end, its length, how long it was blocked while the program ran;
+        #: in arrays of floats, which the garbage collector does not track: a tuple per
+        #: tick would make the ticker itself trigger collections that pause everyone
+        self.ends, self.lengths, self.held = array("d"), array("d"), array("d")
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.held_known = False
 
@@ -222,7 +225,9 @@ class Ticker:
                 now = sample()
                 gap = now[0] - last[0] - 0.0001
                 held = min(gap - (now[1] - last[1]), now[2] - last[2])
-                self.gaps.append((now[0], gap, max(held, 0.0)))
+                self.ends.append(now[0])
+                self.lengths.append(gap)
+                self.held.append(max(held, 0.0))
                 last = now
                 livepatch.safepoint()  # a loop boundary (two_universe needs one)
         finally:
@@ -233,13 +238,20 @@ class Ticker:
         self, start: float = -math.inf, end: float = math.inf
     ) -> list[tuple[float, float]]:
         """(gap, blocked while the program ran) for the gaps that overlap [start, end]."""
-        return [(g, h) for t, g, h in self.gaps if t >= start and t - g <= end]
+        n = min(len(self.ends), len(self.lengths), len(self.held))  # it may be mid-tick
+        ticks = zip(self.ends[:n], self.lengths[:n], self.held[:n], strict=True)
+        return [(g, h) for t, g, h in ticks if t >= start and t - g <= end]
 
     def __enter__(self) -> Ticker:
         self.thread.start()
         time.sleep(0.05)
-        self.gaps = []
+        self.clear()
         return self
+
+    def clear(self) -> None:
+        # in place: the ticker thread appends to these very arrays
+        for values in (self.ends, self.lengths, self.held):
+            del values[:]
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()

@@ -511,6 +511,10 @@ class Universe:
                 _builtins_of(func)[entry.global_name] = ({}, SWITCHED, _NEVER, func,
                                                          _forward(func))
                 _tombstones.append((time.monotonic(), _builtins_of(func), entry.global_name))
+                # the state's slow path (a partial of this universe's method, holding the
+                # entry) makes a cycle: break it, so the transition's objects go with
+                # their last reference instead of waiting for the cyclic collector
+                entry.state = ()
             self.entries = []
             self.installed = False
             self.ended = True
