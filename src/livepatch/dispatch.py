@@ -426,6 +426,9 @@ class Universe:
             for func in change.slot.funcs:
                 ready.append(self._prepare(func, change.old, change.new))
             pace()
+        # from the first store to the end of the first check no hand-over may happen
+        # (every call takes the slow path meanwhile): start with half a period left
+        pace(ahead=pace.every / 2)
         self.slow["installing"] = True
         try:
             for entry in ready:

@@ -174,8 +174,11 @@ class Yielder:
             _ran.period = every
             _ran.waits = collections.deque(maxlen=5)
 
-    def __call__(self) -> None:
-        if time.thread_time() - _ran.since >= _ran.period:
+    def __call__(self, ahead: float = 0.0) -> None:
+        """Hand over if the period is up, or if it would be `ahead` seconds of CPU from
+        now: before a stretch that must not be interrupted, so it starts with that much
+        of the period left."""
+        if time.thread_time() - _ran.since + ahead >= _ran.period:
             start = time.perf_counter()
             hand_over()
             _ran.waits.append(time.perf_counter() - start)
