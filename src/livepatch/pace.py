@@ -35,9 +35,14 @@ Two things do hand over, and both are used here:
 The price is the patching thread's own speed. Under ``paced`` it shares the GIL in slices
 of :data:`INTERVAL` instead of 5 ms, so with many busy threads it queues for the GIL after
 every slice: measured with ``benchmarks/bench_transition.py`` (64 request-like threads and
-1,000 asyncio tasks), pacing the transition itself made hybrid transitions 1.5 to 3 times
-slower and two_universe ones 2 to 5 times. So only planning runs inside :func:`paced`;
-the transition's loops hand over through :class:`Yielder` alone.
+1,000 asyncio tasks), pacing the whole transition made hybrid transitions 1.5 to 3 times
+slower and two_universe ones 2 to 5 times. So planning runs inside :func:`paced`, and of
+the transition only the work per function of a patch of :data:`BULK` functions or more
+(building the trampolines, removing them, finalizing): for 100 functions, the longest
+time a ticker was kept off the GIL inside the transition went from 2.08 to 1.47 ms
+(medians of four alternating runs each of ``bench_transition.py --models hybrid
+--sections 2``). The check of every task, whose length grows with the program and not the
+patch, hands over through :class:`Yielder` alone.
 
 What is left on a 2-core VM: a thread woken by a hand-over may still lose the GIL to
 another waiter (CPython's GIL is not first come, first served), and the host may stop a
@@ -95,10 +100,20 @@ def _set_interval(seconds: float) -> float:
     return sys.getswitchinterval()
 
 
+#: functions: a patch this large is bulk work for install and finalize (tens of µs each)
+#: and runs them under paced(); a smaller one is done within a hand-over period or two,
+#: and the lowered interval would only slow it among busy threads (see the module doc)
+BULK = 32
+
+
 @contextmanager
-def paced() -> Iterator[None]:
-    """Lower the switch interval to :data:`INTERVAL` for the length of the block."""
+def paced(when: bool = True) -> Iterator[None]:
+    """Lower the switch interval to :data:`INTERVAL` for the length of the block (only if
+    `when`)."""
     global _saved, _ours
+    if not when:
+        yield
+        return
     me = threading.get_ident()
     with _lock:
         first = not _holders

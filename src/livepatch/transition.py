@@ -64,7 +64,7 @@ from enum import Enum
 from types import CodeType, FrameType
 from typing import Any, Protocol
 
-from livepatch import dispatch, stopworld, tasks
+from livepatch import dispatch, pace, stopworld, tasks
 from livepatch.errors import PatchError, TransitionBusy, TransitionTimeout
 from livepatch.redirect import Slot, Version
 
@@ -661,7 +661,7 @@ def _end_dispatch(t: Transition, *, forced: bool = False) -> bool:
     """
     u = t._universe
     assert u is not None
-    with _engine_lock(), u.lock:
+    with _engine_lock(), u.lock, pace.paced(when=len(u.entries) >= pace.BULK):
         if not forced and (not u.done() or _enclosing_holders(t, gens=True)):
             return False
         u.remove(u.goal)
