@@ -333,20 +333,22 @@ class Spread:
         return line
 
 
+def call_wide(module: Any, stop: threading.Event) -> None:
+    """A caller of section 2: every patched function in turn, then 1 ms of sleep."""
+    fs = [getattr(module, f"f{i}") for i in range(100)]
+    while not stop.is_set():
+        for f in fs:
+            f(1)
+        livepatch.safepoint()
+        time.sleep(0.001)
+
+
 def pauses(model: str, cycles: int) -> list[str]:
     module = module_from(WIDE)
     patch = wide_patch(module, f"wide-{model}")
     callers_stop = threading.Event()
-
-    def caller() -> None:  # threads calling patched functions, sleeping in between
-        fs = [getattr(module, f"f{i}") for i in range(100)]
-        while not callers_stop.is_set():
-            for f in fs:
-                f(1)
-            livepatch.safepoint()
-            time.sleep(0.001)
-
-    callers = [threading.Thread(target=caller, daemon=True) for _ in range(4)]
+    callers = [threading.Thread(target=call_wide, args=(module, callers_stop), daemon=True)
+               for _ in range(4)]
     for c in callers:
         c.start()
     base, whole = Spread("no patching"), Spread("whole apply/revert")

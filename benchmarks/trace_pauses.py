@@ -77,14 +77,6 @@ def scene(cycles: int, model: str, out: Path) -> None:
 
     ends, lengths = array("d"), array("d")  # untracked by the collector (see Ticker)
 
-    def caller() -> None:
-        fs = [getattr(module, f"f{i}") for i in range(100)]
-        while not stop.is_set():
-            for f in fs:
-                f(1)
-            livepatch.safepoint()
-            time.sleep(0.001)
-
     def ticker() -> None:
         tids["ticker"] = threading.get_native_id()
         last = time.monotonic()
@@ -95,7 +87,8 @@ def scene(cycles: int, model: str, out: Path) -> None:
             lengths.append(now - last - 0.0001)
             last = now
 
-    threads = [threading.Thread(target=caller, daemon=True) for _ in range(4)]
+    threads = [threading.Thread(target=bt.call_wide, args=(module, stop), daemon=True)
+               for _ in range(4)]
     threads.append(threading.Thread(target=ticker, daemon=True))
     for t in threads:
         t.start()
