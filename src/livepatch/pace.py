@@ -46,7 +46,8 @@ patch, hands over through :class:`Yielder` alone.
 
 What is left on a 2-core VM: a thread woken by a hand-over may still lose the GIL to
 another waiter (CPython's GIL is not first come, first served), and the host may stop a
-virtual CPU for a while. ``bench_transition`` section 2 measures the result.
+virtual CPU for a while, or a garbage collection run in one piece. ``bench_transition``
+section 2 measures the result; ``benchmarks/trace_pauses.py`` shows where it comes from.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-#: the switch interval while the engine plans (seconds): a waiting thread forces a
-#: hand-over after this long, well inside the 1 ms pause budget
+#: the switch interval while the engine plans, and while it builds or removes the
+#: trampolines of a large patch (seconds): a waiting thread forces a hand-over after this
+#: long, well inside the 1 ms pause budget
 INTERVAL = 0.0002
 #: how long a hand-over sleeps (the kernel adds its timer slack, about 50 µs): long
 #: enough for a woken waiter to get a CPU and the GIL before the patching thread is back
@@ -71,8 +73,8 @@ EVERY = 0.0005
 #: ... and at most (the default switch interval: beyond it CPython hands over anyway)
 LONGEST = 0.005
 #: per thread: ``since``, its CPU time (``time.thread_time``) when it last handed over,
-#: and ``period``, the current time between hand-overs; shared by every Yielder so that
-#: loops run one after another add up
+#: ``period``, the current time between hand-overs, and ``waits``, its last few waits for
+#: the GIL; shared by every Yielder so that loops run one after another add up
 _ran = threading.local()
 
 _lock = threading.Lock()
