@@ -9,17 +9,17 @@
    with 4 threads calling the patched functions (1 ms of sleep between rounds): a ticker
    thread sleeps 0.1 ms at a time and records its gaps beyond that, over the whole
    ``apply``/``revert`` calls and 20 ms after each (the calls include the engine compiling
-   and verifying 100 functions) and inside the two transitions proper. The baseline, "no
-   patching", is the same ticker and callers for as long as the apply+revert took, run
-   right after each cycle (the machine's own noise: other processes on its cores stall
-   threads for milliseconds whatever the GIL does). Per window: median and max over the
-   cycles of its longest gap, how many gaps over 1 ms it held, and (on Linux) the longest
-   time the ticker was blocked while the program ran — the GIL's share of a pause, apart
-   from the OS's (see ``Ticker``), and the longest gap of the same ticker run in another
-   process over the same spans: a thread that shares no GIL with us, so the machine's own
-   floor (on a VM, a virtual CPU that went idle can take a millisecond to wake up).
-   Target: under 1 ms for hybrid (the patching thread hands the GIL over,
-   ``livepatch.pace``); ``stop`` parks the world and reports how long.
+   and verifying 100 functions) and inside the two transitions proper. Two references run
+   in the same cycles, so the machine's noise hits them alike: "no patching", the same
+   ticker and callers for as long as the apply+revert took, and a one-function patch's
+   transitions, the least any transition does. Per window: median and max over the
+   cycles of its longest gap, how many gaps over 1 ms it held, and the longest gap of the
+   same ticker run in another process over the same spans: a thread that shares no GIL
+   with us, so the machine's own floor (on a VM, a virtual CPU that went idle can take a
+   millisecond to wake up). Target: under 1 ms for hybrid (the patching thread hands the
+   GIL over, ``livepatch.pace``); ``stop`` parks the world and reports how long.
+   ``benchmarks/trace_pauses.py`` says how much of a gap was a wait for the GIL, and who
+   held it meanwhile.
 
 3. How long the engine plans (compiles and verifies) that 100-function patch, alone.
 
@@ -35,7 +35,6 @@ import importlib.util
 import json
 import logging
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -177,9 +176,11 @@ def transition_times(model: str, cycles: int, threads: int, tasks: int, cpu: boo
 WIDE = "\n".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(100))
 
 
-def wide_patch(module: Any, name: str) -> livepatch.Patch:
+def wide_patch(module: Any, name: str, functions: int = 100) -> livepatch.Patch:
+    """A patch of the first `functions` functions of WIDE."""
     body = "".join(
-        f'\n@patch.function("M:f{i}")\ndef f{i}(x):\n    return x - {i}\n' for i in range(100)
+        f'\n@patch.function("M:f{i}")\ndef f{i}(x):\n    return x - {i}\n'
+        for i in range(functions)
     )
     return patch_for(module, "import livepatch\npatch = livepatch.Patch(NAME)\n" + body, name)
 
@@ -187,60 +188,33 @@ def wide_patch(module: Any, name: str) -> livepatch.Patch:
 class Ticker:
     """A thread that sleeps 0.1 ms at a time and records its gaps beyond that.
 
-    For each gap it also records how much of it the ticker was *blocked while the rest
-    of the program ran*: the gap less the time the ticker itself waited for a CPU (the
-    kernel's run-queue wait, ``/proc/thread-self/schedstat``), capped by the CPU time the
-    other threads of this process used meanwhile. Only one thread runs Python at a time,
-    so that is how long the program kept the ticker off the GIL; the rest of a long gap is
-    the OS not running the ticker, or not running a thread that holds the GIL (other
-    processes on the machine's cores), which no hand-over can help. Without that file
-    (not Linux) only the gaps are recorded.
+    A gap is the ticker's sleep running late (the OS, the machine) plus its wait for the
+    GIL (the program's threads); this cannot tell them apart, trace_pauses.py can.
     """
 
     def __init__(self) -> None:
         self.stop = threading.Event()
-        #: per gap: its end, its length, how long it was blocked while the program ran;
-        #: in arrays of floats, which the garbage collector does not track: a tuple per
-        #: tick would make the ticker itself trigger collections that pause everyone
-        self.ends, self.lengths, self.held = array("d"), array("d"), array("d")
+        #: per gap: its end and its length, in arrays of floats, which the garbage
+        #: collector does not track: a tuple per tick would make the ticker itself
+        #: trigger collections that pause everyone
+        self.ends, self.lengths = array("d"), array("d")
         self.thread = threading.Thread(target=self._run, daemon=True)
-        self.held_known = False
 
     def _run(self) -> None:
-        try:
-            fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
-        except OSError:
-            fd = -1
-        self.held_known = fd >= 0
+        last = time.monotonic()
+        while not self.stop.is_set():
+            time.sleep(0.0001)
+            now = time.monotonic()
+            self.ends.append(now)
+            self.lengths.append(now - last - 0.0001)
+            last = now
+            livepatch.safepoint()  # a loop boundary (two_universe needs one)
 
-        def sample() -> tuple[float, float, float]:
-            # schedstat: "time on a CPU, time waiting for one, slices", in ns
-            waited = int(os.pread(fd, 100, 0).split()[1]) / 1e9 if fd >= 0 else 0.0
-            return time.monotonic(), waited, time.process_time() - time.thread_time()
-
-        try:
-            last = sample()
-            while not self.stop.is_set():
-                time.sleep(0.0001)
-                now = sample()
-                gap = now[0] - last[0] - 0.0001
-                held = min(gap - (now[1] - last[1]), now[2] - last[2])
-                self.ends.append(now[0])
-                self.lengths.append(gap)
-                self.held.append(max(held, 0.0))
-                last = now
-                livepatch.safepoint()  # a loop boundary (two_universe needs one)
-        finally:
-            if fd >= 0:
-                os.close(fd)
-
-    def within(
-        self, start: float = -math.inf, end: float = math.inf
-    ) -> list[tuple[float, float]]:
-        """(gap, blocked while the program ran) for the gaps that overlap [start, end]."""
-        n = min(len(self.ends), len(self.lengths), len(self.held))  # it may be mid-tick
-        ticks = zip(self.ends[:n], self.lengths[:n], self.held[:n], strict=True)
-        return [(g, h) for t, g, h in ticks if t >= start and t - g <= end]
+    def within(self, start: float = -math.inf, end: float = math.inf) -> list[float]:
+        """The gaps that overlap [start, end]."""
+        n = min(len(self.ends), len(self.lengths))  # it may be mid-tick
+        ticks = zip(self.ends[:n], self.lengths[:n], strict=True)
+        return [g for t, g in ticks if t >= start and t - g <= end]
 
     def __enter__(self) -> Ticker:
         self.thread.start()
@@ -250,7 +224,7 @@ class Ticker:
 
     def clear(self) -> None:
         # in place: the ticker thread appends to these very arrays
-        for values in (self.ends, self.lengths, self.held):
+        for values in (self.ends, self.lengths):
             del values[:]
 
     def __exit__(self, *exc: object) -> None:
@@ -295,39 +269,38 @@ class OutsideTicker:
 class Spread:
     """One kind of window over the cycles: its longest gap per cycle, how many gaps over
     1 ms it held in how much time (the rate says more than a maximum when the machine's
-    other load stalls threads now and then), its longest stretch blocked while the
-    program ran, and the longest gap of a ticker in another process in the same spans
-    (the machine's own floor: what no hand-over can remove)."""
+    other load stalls threads now and then), and the longest gap of a ticker in another
+    process in the same spans (the machine's own floor: what no hand-over can remove)."""
 
     def __init__(self, label: str) -> None:
         self.label = label
         self.longest: list[float] = []
-        self.held: list[float] = []
         self.over = 0
         self.seconds = 0.0
         self.spans: list[list[tuple[float, float]]] = []
         self.outside: list[float] = []
 
-    def add(self, gaps: list[tuple[float, float]], seconds: float,
-            spans: list[tuple[float, float]]) -> None:
-        self.longest.append(max((g for g, _ in gaps), default=0.0))
-        self.held.append(max((h for _, h in gaps), default=0.0))
-        self.over += sum(g > 0.001 for g, _ in gaps)
+    def add(self, gaps: list[float], seconds: float, spans: list[tuple[float, float]]) -> None:
+        self.longest.append(max(gaps, default=0.0))
+        self.over += sum(g > 0.001 for g in gaps)
         self.seconds += seconds
         self.spans.append(spans)
+
+    def add_transitions(self, ticker: Ticker, ts: list[livepatch.Transition]) -> None:
+        spans = [(t._t0, t._t1 or t._t0) for t in ts]
+        self.add([g for a, b in spans for g in ticker.within(a, b)],
+                 sum(t.elapsed for t in ts), spans)
 
     def resolve(self, outside: OutsideTicker) -> None:
         self.outside = [max((g for a, b in spans for g in outside.within(a, b)), default=0.0)
                         for spans in self.spans]
 
-    def line(self, model: str, held_known: bool) -> str:
+    def line(self, model: str) -> str:
         def ms(xs: list[float]) -> str:
             return f"{statistics.median(xs) * 1e3:5.2f} / {max(xs) * 1e3:6.2f} ms"
 
-        line = (f"{model:<13} {self.label:<19} longest gap {ms(self.longest)}; "
+        line = (f"{model:<13} {self.label:<26} longest gap {ms(self.longest)}; "
                 f"over 1 ms: {self.over:3d} in {self.seconds * 1e3:5.0f} ms")
-        if held_known:
-            line += f"; blocked while the program ran {ms(self.held)}"
         if self.outside:
             line += f"; another process {ms(self.outside)}"
         return line
@@ -343,52 +316,57 @@ def call_wide(module: Any, stop: threading.Event) -> None:
         time.sleep(0.001)
 
 
+def apply_and_revert(patch: livepatch.Patch, model: str) -> list[livepatch.Transition]:
+    """Apply, 20 ms, revert, 20 ms: the transitions."""
+    ts = [livepatch.apply(patch, model=model, timeout=10)]
+    time.sleep(0.02)
+    ts.append(livepatch.revert(patch.name, model=model, timeout=10))
+    time.sleep(0.02)
+    return ts
+
+
 def pauses(model: str, cycles: int) -> list[str]:
     module = module_from(WIDE)
     patch = wide_patch(module, f"wide-{model}")
+    one = wide_patch(module, f"one-{model}", functions=1)
     callers_stop = threading.Event()
     callers = [threading.Thread(target=call_wide, args=(module, callers_stop), daemon=True)
                for _ in range(4)]
     for c in callers:
         c.start()
     base, whole = Spread("no patching"), Spread("whole apply/revert")
-    inside = Spread("inside transition")
+    inside, least = Spread("inside transition"), Spread("inside, 1-function patch")
     paused: list[float] = []
-    held_known = False
     outside = OutsideTicker()
     try:
         for _ in range(cycles):
             with Ticker() as ticker:
                 start = time.monotonic()
-                ts = [livepatch.apply(patch, model=model, timeout=10)]
-                time.sleep(0.02)
-                ts.append(livepatch.revert(patch.name, model=model, timeout=10))
-                time.sleep(0.02)
+                ts = apply_and_revert(patch, model)
                 end = time.monotonic()
             paused.extend(t.paused for t in ts)
             whole.add(ticker.within(start, end), end - start, [(start, end)])
-            spans = [(t._t0, t._t1 or t._t0) for t in ts]
-            inside.add([g for a, b in spans for g in ticker.within(a, b)],
-                       sum(t.elapsed for t in ts), spans)
-            held_known = ticker.held_known
+            inside.add_transitions(ticker, ts)
             length = end - start
             with Ticker() as ticker:  # the baseline: same threads, same length, no patching
                 start = time.monotonic()
                 time.sleep(length)
                 end = time.monotonic()
             base.add(ticker.within(start, end), end - start, [(start, end)])
+            with Ticker() as ticker:
+                least.add_transitions(ticker, apply_and_revert(one, model))
     finally:
         callers_stop.set()
         for c in callers:
             c.join(5)
         outside.close()
-    for spread in (base, whole, inside):
+    spreads = (base, whole, inside, least)
+    for spread in spreads:
         spread.resolve(outside)
-    lines = [s.line(model, held_known) for s in (base, whole, inside)]
+    lines = [s.line(model) for s in spreads]
     if model == "stop":
-        lines[-1] += f"; world paused max {max(paused) * 1e3:.2f} ms"
+        lines[2] += f"; world paused max {max(paused) * 1e3:.2f} ms"
     return lines
-
 
 
 def main() -> None:
@@ -436,9 +414,9 @@ def section_3(cycles: int) -> None:
 def section_2(models: list[str], cycles: int) -> None:
     print("\n2. longest pause seen by a ticker thread, 100-function patch, 4 caller threads;")
     print("   per window, median / max over the cycles: its longest gap; gaps over 1 ms in all;")
-    print("   the longest the ticker was blocked while the program ran (the GIL's share);")
     print("   the longest gap of the same ticker in another process (the machine's floor).")
-    print("   'no patching': the same threads for as long, right after each apply+revert")
+    print("   'no patching': the same threads for as long, right after each apply+revert;")
+    print("   '1-function patch': its transitions, in the same cycles (the least one does)")
     for model in models:
         print("\n".join(pauses(model, cycles)), flush=True)
 
