@@ -62,7 +62,8 @@ import threading
 import time
 import types
 import weakref
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from types import CodeType, FrameType, FunctionType
 from typing import Any
 
@@ -293,14 +294,17 @@ def trampoline_for(
     )
 
 
-@dataclass(eq=False)
 class Record:
-    """One task known to the transition, and the universe it is in."""
+    """One task known to the transition, and the universe it is in (a plain class with
+    slots: a transition makes one per task, a thousand at a time)."""
 
-    info: tasks.TaskInfo
-    side: int
-    #: frames that kept it from switching the last time it was checked
-    blocking: list[str] = field(default_factory=list)
+    __slots__ = ("blocking", "info", "side")
+
+    def __init__(self, info: tasks.TaskInfo, side: int) -> None:
+        self.info = info
+        self.side = side
+        #: frames that kept it from switching the last time it was checked
+        self.blocking: Sequence[str] = ()
 
 
 @dataclass(eq=False)
@@ -334,6 +338,9 @@ class _Entry:
 
 
 _RUN_LOOP = {asyncio.BaseEventLoop.run_forever.__code__}
+#: Tasks show their context from 3.12 (``get_context``); on 3.11 a Task made with
+#: ``create_task(context=...)`` cannot be checked for a shared mark
+_TASK_CONTEXTS = hasattr(asyncio.Task, "get_context")
 #: records check_all looks at per hold of the lock
 _CHECK_CHUNK = 32
 
@@ -704,6 +711,8 @@ class Universe:
         other = 1 - goal
         pace = Yielder()
         foreign = False
+        loop_thread: dict[int, int | None] = {}  # id(loop) → its thread, for this check
+        contexts = _TASK_CONTEXTS
         for start in range(0, max(len(items), 1), _CHECK_CHUNK):
             with self.lock:
                 if self.goal != goal:
@@ -716,8 +725,12 @@ class Universe:
                         rec.blocking = []
                         continue
                     if not rec.info.is_thread:
-                        rec.info.thread = tasks.loop_thread(key.get_loop())
-                        foreign = foreign or self._shares_a_mark(key)
+                        loop = key.get_loop()
+                        thread = loop_thread.get(id(loop), -1)
+                        if thread == -1:
+                            thread = loop_thread[id(loop)] = tasks.loop_thread(loop)
+                        rec.info.thread = thread
+                        foreign = foreign or (contexts and self._shares_a_mark(key))
                     frames = tasks.frames_of(rec.info, snapshot)
                     bad = [f for f in frames if sides.get(id(f.f_code)) == other]
                     if bad:
@@ -747,7 +760,7 @@ class Universe:
     def _shares_a_mark(self, task: Any) -> bool:
         """A Task behind the goal whose context carries this epoch's mark (a context
         shared through ``create_task(context=...)``): marks cannot be trusted."""
-        get_context = getattr(task, "get_context", None)  # 3.12+
+        get_context = getattr(task, "get_context", None)
         return get_context is not None and get_context().get(SWITCHED) is self.mark
 
     def signal_loops(self) -> int:

@@ -25,7 +25,6 @@ import threading
 import types
 from asyncio import tasks as _atasks
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from types import CodeType, FrameType
 from typing import Any
 
@@ -49,21 +48,34 @@ def current_key() -> TaskKey:
     return get_ident()
 
 
-@dataclass(eq=False)
 class TaskInfo:
-    """One task as seen from outside: its key, a readable name, its hosting thread."""
+    """One task as seen from outside: its key, its hosting thread, a readable name.
 
-    key: TaskKey
-    name: str
-    #: ident of the thread that runs it (a Task: its loop's thread; None if that loop is
-    #: not running right now)
-    thread: int | None
-    #: an OS thread (its key is the ident), not an asyncio Task; a field, not a property:
-    #: checking a thousand tasks reads it several times each
-    is_thread: bool = field(init=False)
+    A plain class with slots: a transition makes one per task, a thousand at a time, while
+    the program waits for the GIL. A Task's name is made only when asked for (a report of
+    what blocks a transition); checking tasks never needs it.
+    """
 
-    def __post_init__(self) -> None:
-        self.is_thread = isinstance(self.key, int)
+    __slots__ = ("_name", "is_thread", "key", "thread")
+
+    def __init__(self, key: TaskKey, thread: int | None, name: str | None = None) -> None:
+        self.key = key
+        #: ident of the thread that runs it (a Task: its loop's thread; None if that loop
+        #: is not running right now)
+        self.thread = thread
+        #: an OS thread (its key is the ident), not an asyncio Task; an attribute, not a
+        #: property: checking a thousand tasks reads it several times each
+        self.is_thread = isinstance(key, int)
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        if self._name is None:
+            self._name = f"task {self.key.get_name()}"  # type: ignore[union-attr]
+        return self._name
+
+    def __repr__(self) -> str:
+        return f"<TaskInfo {self.name}>"
 
 
 def _asyncio_tasks() -> list[asyncio.Task[Any]]:
@@ -103,12 +115,17 @@ def all_tasks() -> list[TaskInfo]:
     """Every live thread (but livepatch's own) and every pending asyncio Task."""
     names = thread_names()
     out = [
-        TaskInfo(ident, f"thread {names.get(ident, '?')} ({ident})", ident)
+        TaskInfo(ident, ident, f"thread {names.get(ident, '?')} ({ident})")
         for ident in sys._current_frames()
         if not names.get(ident, "").startswith(OWN_THREAD_PREFIX)
     ]
+    threads: dict[int, int | None] = {}  # id(loop) → its thread: a few loops, many tasks
     for task in _asyncio_tasks():
-        out.append(TaskInfo(task, f"task {task.get_name()}", loop_thread(task.get_loop())))
+        loop = task.get_loop()
+        thread = threads.get(id(loop), -1)
+        if thread == -1:
+            thread = threads[id(loop)] = loop_thread(loop)
+        out.append(TaskInfo(task, thread))
     return out
 
 
@@ -155,6 +172,21 @@ def frame_of(obj: Any) -> FrameType | None:
     return None
 
 
+_FUTURES = (asyncio.Future, getattr(asyncio.futures, "_PyFuture", asyncio.Future))
+#: type → whether it ends a chain: futures and the C future's ``__await__`` iterator,
+#: what a suspended Task's chain mostly ends in, hold no frame and await nothing (a Task
+#: awaited is a task of its own, checked on its own). Filled as types are met.
+_ENDS: dict[type, bool] = {}
+
+
+def _ends_chain(kind: type) -> bool:
+    ends = _ENDS.get(kind)
+    if ends is None:
+        ends = _ENDS[kind] = issubclass(kind, _FUTURES) or (
+            kind.__module__ == "_asyncio" and kind.__qualname__ == "FutureIter")
+    return ends
+
+
 def task_frames(
     info: TaskInfo, snapshot: dict[int, FrameType]
 ) -> list[FrameType]:
@@ -169,9 +201,9 @@ def task_frames(
             frame, obj = obj.cr_frame, obj.cr_await
         elif kind is types.GeneratorType:
             frame, obj = obj.gi_frame, obj.gi_yieldfrom
-        elif obj is None:
+        elif obj is None or _ends_chain(kind):
             break
-        else:  # async generators, futures, other awaitables
+        else:  # async generators, other awaitables
             frame, obj = frame_of(obj), _next_in_chain(obj)
         if frame is not None:
             frames.append(frame)
