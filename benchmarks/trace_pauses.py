@@ -73,11 +73,11 @@ def scene(cycles: int, model: str, functions: int, callers: int, out: Path) -> N
     naps: list[tuple[float, float, str]] = []
     hand_over = pace.hand_over
 
-    def recorded(nap: float = pace.SLEEP) -> None:
+    def recorded() -> None:
         caller = sys._getframe(2)
         where = f"{caller.f_code.co_name}:{caller.f_lineno}"
         start = time.monotonic()
-        hand_over(nap)
+        hand_over()
         naps.append((start, time.monotonic(), where))
 
     pace.hand_over = recorded  # the Yielder looks it up at each call

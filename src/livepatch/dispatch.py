@@ -69,7 +69,7 @@ from typing import Any
 
 from livepatch import tasks
 from livepatch.errors import UnsafeChange
-from livepatch.pace import Yielder
+from livepatch.pace import BULK, Yielder, paced
 from livepatch.redirect import KEEP, Version
 
 OLD, NEW = 0, 1
@@ -429,10 +429,11 @@ class Universe:
         _sweep_tombstones()
         pace = Yielder()
         ready = []
-        for change in self.changes:
-            for func in change.slot.funcs:
-                ready.append(self._prepare(func, change.old, change.new))
-            pace()
+        with paced(when=sum(len(c.slot.funcs) for c in self.changes) >= BULK):
+            for change in self.changes:
+                for func in change.slot.funcs:
+                    ready.append(self._prepare(func, change.old, change.new))
+                pace()
         # from the first store to the end of the first check no hand-over may happen
         # (every call takes the slow path meanwhile): start with half a period left
         pace(ahead=pace.every / 2)

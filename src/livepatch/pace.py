@@ -24,9 +24,9 @@ Two things do hand over, and both are used here:
   late 112 and 174 times a second with 1 µs sleeps, 26 and 93 with 50 µs ones (two runs).
   See :class:`Yielder` for how its period adapts.
 * :func:`paced` lowers the process-wide switch interval to :data:`INTERVAL` while the
-  engine does bulk work (below), so that a thread that starts waiting for the GIL
-  meanwhile forces a hand-over after that long wherever the patching thread is (except
-  inside one long C call: a heap walk, a garbage collection). Uses nest
+  engine plans (compiles and verifies every function), so that a thread that starts
+  waiting for the GIL meanwhile forces a hand-over after that long wherever the patching
+  thread is (except inside one long C call: a heap walk, a garbage collection). Uses nest
   and overlap across threads (the caller of ``apply`` and the transition worker); the
   last one out restores the saved interval exactly — unless someone set another interval
   meanwhile, which then stays. A child forked meanwhile keeps only the forking thread's
@@ -36,28 +36,18 @@ The price is the patching thread's own speed. Under ``paced`` it shares the GIL 
 of :data:`INTERVAL` instead of 5 ms, so with many busy threads it queues for the GIL after
 every slice: measured with ``benchmarks/bench_transition.py`` (64 request-like threads and
 1,000 asyncio tasks), pacing the whole transition made hybrid transitions 1.5 to 3 times
-slower and two_universe ones 2 to 5 times. So ``paced`` covers bulk work only: planning,
-and the whole start of a transition (trampolines, check, finalize) of a patch of
-:data:`BULK` functions or more, and its end in the worker. The check of every task in a
-small patch's transition, whose length grows with the program and not the patch, hands
-over through :class:`Yielder` alone.
-
-Inside ``paced`` a Yielder also changes its rhythm: a hand-over every
-:data:`BULK_EVERY` (0.25 ms) of CPU, always, and a nap of :data:`BULK_SLEEP` (0.5 ms).
-On a VM a woken thread can take longer than a 50 µs nap to get running (its virtual CPU
-was halted), and the patching thread, back first, took the free GIL again; and the
-waiter's own timeout, which would force a switch, fires late for the same reason.
-Measured with ``benchmarks/trace_pauses.py``'s probes on CPython's ``take_gil`` (a
-ticker's longest wait for the GIL per transition of a 100-function patch, median of 80
-and 100 transitions, alternating with the adaptive rhythm): 0.97 against 1.22 ms and
-0.88 against 1.12 ms. A 100-function apply then takes about 90 ms instead of 55
-(planning naps too), a revert 20 instead of 10.
+slower and two_universe ones 2 to 5 times. So planning runs inside :func:`paced`, and of
+the transition only the work per function of a patch of :data:`BULK` functions or more
+(building the trampolines, removing them, finalizing): for 100 functions, the longest
+time a ticker was kept off the GIL inside the transition went from 2.08 to 1.47 ms
+(medians of four alternating runs each of ``bench_transition.py --models hybrid
+--sections 2``). The check of every task, whose length grows with the program and not the
+patch, hands over through :class:`Yielder` alone.
 
 What is left on a 2-core VM: a thread woken by a hand-over may still lose the GIL to
-another waiter (CPython's GIL is not first come, first served, and a waiter whose timed
-wait runs out goes to the back), the host may stop a virtual CPU for a while, and a
-garbage collection runs in one piece. ``bench_transition`` section 2 measures the result;
-``benchmarks/trace_pauses.py`` shows where it comes from.
+another waiter (CPython's GIL is not first come, first served), and the host may stop a
+virtual CPU for a while, or a garbage collection run in one piece. ``bench_transition``
+section 2 measures the result; ``benchmarks/trace_pauses.py`` shows where it comes from.
 """
 
 from __future__ import annotations
@@ -82,14 +72,9 @@ SLEEP = 50e-6
 EVERY = 0.0005
 #: ... and at most (the default switch interval: beyond it CPython hands over anyway)
 LONGEST = 0.005
-#: inside paced() (bulk work: planning, a large patch's transition), a Yielder hands
-#: over after this much CPU time, always, and sleeps this long: see Yielder
-BULK_EVERY = 0.00025
-BULK_SLEEP = 0.0005
 #: per thread: ``since``, its CPU time (``time.thread_time``) when it last handed over,
-#: ``period``, the current time between hand-overs, ``waits``, its last few waits for
-#: the GIL, and ``bulk``, how deep it is inside paced(); shared by every Yielder so that
-#: loops run one after another add up
+#: ``period``, the current time between hand-overs, and ``waits``, its last few waits for
+#: the GIL; shared by every Yielder so that loops run one after another add up
 _ran = threading.local()
 
 _lock = threading.Lock()
@@ -99,10 +84,10 @@ _saved = 0.0  # the interval to restore
 _ours = 0.0  # the interval we set, as read back
 
 
-def hand_over(nap: float = SLEEP) -> None:
+def hand_over() -> None:
     """Let other threads run now, if there are any (a real sleep, not ``sleep(0)``)."""
     if threading.active_count() > 1:
-        time.sleep(nap)
+        time.sleep(SLEEP)
     _ran.since = time.thread_time()
 
 
@@ -125,8 +110,8 @@ BULK = 32
 
 @contextmanager
 def paced(when: bool = True) -> Iterator[None]:
-    """Lower the switch interval to :data:`INTERVAL` for the length of the block, and give
-    this thread's Yielders the bulk rhythm (only if `when`)."""
+    """Lower the switch interval to :data:`INTERVAL` for the length of the block (only if
+    `when`)."""
     global _saved, _ours
     if not when:
         yield
@@ -138,11 +123,9 @@ def paced(when: bool = True) -> Iterator[None]:
         if first:
             _saved = sys.getswitchinterval()
             _ours = _set_interval(INTERVAL) if _saved > INTERVAL else _saved
-    _ran.bulk = getattr(_ran, "bulk", 0) + 1
     try:
         yield
     finally:
-        _ran.bulk -= 1
         with _lock:
             _leave(me)
 
@@ -175,9 +158,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 class Yielder:
     """Paces a long loop of the patching thread: call it once per item, and once per
-    period of the thread's CPU time it hands the GIL over. Inside :func:`paced` the period
-    is :data:`BULK_EVERY` and the nap :data:`BULK_SLEEP` (see the module doc); outside, the
-    period adapts as follows.
+    :data:`EVERY` of the thread's CPU time it hands the GIL over.
 
     The clock is per thread and shared by every Yielder: it runs from the thread's last
     hand-over, so loops that follow one another (install, check, remove, finalize) add up
@@ -214,10 +195,6 @@ class Yielder:
         """Hand over if the period is up, or if it would be `ahead` seconds of CPU from
         now: before a stretch that must not be interrupted, so it starts with that much
         of the period left."""
-        if getattr(_ran, "bulk", 0):
-            if time.thread_time() - _ran.since + ahead >= BULK_EVERY:
-                hand_over(BULK_SLEEP)
-            return
         if time.thread_time() - _ran.since + ahead >= _ran.period:
             start = time.perf_counter()
             hand_over()

@@ -360,17 +360,11 @@ def begin(
                     f"{patch}: model {model.value!r} needs the GIL and this interpreter runs "
                     "without it (free-threaded build); use model='stop'"
                 )
-            # a large patch's start is bulk work: paced (its check of every task too)
-            with pace.paced(when=_is_bulk(t)):
-                _start_dispatch(t, sys._getframe(1))
+            _start_dispatch(t, sys._getframe(1))
     except BaseException:
         _clear(t)
         raise
     return t
-
-
-def _is_bulk(t: Transition) -> bool:
-    return sum(len(c.slot.funcs) for c in t.changes) >= pace.BULK
 
 
 def _gil_enabled() -> bool:
@@ -667,7 +661,7 @@ def _end_dispatch(t: Transition, *, forced: bool = False) -> bool:
     """
     u = t._universe
     assert u is not None
-    with _engine_lock(), u.lock, pace.paced(when=_is_bulk(t)):
+    with _engine_lock(), u.lock, pace.paced(when=len(u.entries) >= pace.BULK):
         if not forced and (not u.done() or _enclosing_holders(t, gens=True)):
             return False
         u.remove(u.goal)

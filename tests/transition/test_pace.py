@@ -141,30 +141,6 @@ def test_loops_one_after_another_share_the_threads_clock(monkeypatch) -> None:
     assert first[0] >= pace.EVERY * 0.9
 
 
-def test_inside_paced_a_yielder_hands_over_every_bulk_period(monkeypatch) -> None:
-    """Bulk work (inside paced()) hands over after BULK_EVERY of CPU, always, and naps
-    BULK_SLEEP; outside it, 1.1 ms of CPU would be two hand-overs of SLEEP at most."""
-    naps: list[float] = []
-    hand_over = pace.hand_over
-
-    def counted(nap: float = pace.SLEEP) -> None:
-        naps.append(nap)
-        hand_over(nap)
-
-    monkeypatch.setattr(pace, "hand_over", counted)
-
-    def fresh_thread() -> None:
-        with pace.paced():
-            burn_cpu(1.1e-3, pace.Yielder())
-
-    thread = threading.Thread(target=fresh_thread, name="lptest-bulk", daemon=True)
-    thread.start()
-    thread.join(5)
-    assert pace.BULK_EVERY * 3 < 1.1e-3 < pace.BULK_EVERY * 5
-    assert 3 <= len(naps) <= 5
-    assert set(naps) == {pace.BULK_SLEEP}
-
-
 @contextmanager
 def paced_in_another_thread() -> Iterator[None]:
     """Another thread sits inside paced() for the length of the block."""
