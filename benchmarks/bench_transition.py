@@ -22,15 +22,19 @@
    held it meanwhile.
 
 3. How long the engine plans (compiles and verifies) that 100-function patch, alone.
+4. How long the heap scan takes that a patch replacing a generator or coroutine function
+   does at the start of its transition (``gc.get_referrers``, one C call during which no
+   other thread runs), per million objects the garbage collector tracks.
 
     .venv/bin/python benchmarks/bench_transition.py [--cycles N] [--models hybrid,stop]
-        [--sections 1,2,3]
+        [--sections 1,2,3,4]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib.util
 import json
 import logging
@@ -373,7 +377,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=10)
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--sections", default="1,2,3", help="which sections to run: 1, 2, 3")
+    parser.add_argument("--sections", default="1,2,3,4",
+                        help="which sections to run: 1, 2, 3, 4")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     logging.getLogger("livepatch").setLevel(logging.ERROR)  # "not verified" warnings
@@ -385,6 +390,8 @@ def main() -> None:
         section_2(models, args.cycles)
     if "3" in sections:
         section_3(args.cycles)
+    if "4" in sections:
+        section_4()
 
 
 def section_1(models: list[str], cycles: int) -> None:
@@ -409,6 +416,25 @@ def section_3(cycles: int) -> None:
     print("\n3. planning a 100-function patch (livepatch.plan), no other thread: "
           f"median {statistics.median(times) * 1e3:.1f} ms, min {min(times) * 1e3:.1f} ms "
           f"over {cycles}")
+
+
+def section_4() -> None:
+    from livepatch import tasks
+
+    async def coroutine() -> None:
+        pass
+
+    heap = [[i] for i in range(1_000_000)]  # a million small tracked objects
+    tracked = len(gc.get_objects())
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        tasks.suspended_with([coroutine.__code__])
+        times.append(time.perf_counter() - start)
+    del heap
+    print(f"\n4. heap scan for suspended coroutines of a patched function, {tracked:,} tracked "
+          f"objects: median {statistics.median(times) * 1e3:.1f} ms over 5, "
+          f"{statistics.median(times) * 1e3 / (tracked / 1e6):.1f} ms per million")
 
 
 def section_2(models: list[str], cycles: int) -> None:
