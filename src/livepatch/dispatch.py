@@ -65,7 +65,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import CodeType, FrameType, FunctionType
-from typing import Any
+from typing import Any, NamedTuple
 
 from livepatch import tasks
 from livepatch.errors import UnsafeChange
@@ -101,9 +101,9 @@ _templates_lock = threading.Lock()
 _CO_VARARGS, _CO_VARKEYWORDS = 0x04, 0x08
 
 
-@dataclass(frozen=True)
-class Signature:
-    """The parameter list of a code object, enough to forward a call exactly."""
+class Signature(NamedTuple):
+    """The parameter list of a code object, enough to forward a call exactly (a named
+    tuple: two are made and compared per function a transition installs)."""
 
     posonly: tuple[str, ...]
     positional: tuple[str, ...]
@@ -195,6 +195,9 @@ def _template(
     resumed — on the stack of the task that resumes it, which is where the rule looks.
     """
     key = (freevars, sig, ndefaults, kind)
+    code = _templates.get(key)  # made once per shape: a plain read finds it after that
+    if code is not None:
+        return code
     with _templates_lock:
         code = _templates.get(key)
         if code is not None:

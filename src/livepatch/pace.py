@@ -72,6 +72,9 @@ SLEEP = 50e-6
 EVERY = 0.0005
 #: ... and at most (the default switch interval: beyond it CPython hands over anyway)
 LONGEST = 0.005
+#: how much CPU time a Yielder lets pass between two looks at the clock, about: a
+#: hand-over comes at most this much after its period is up
+LOOK = 50e-6
 #: per thread: ``since``, its CPU time (``time.thread_time``) when it last handed over,
 #: ``period``, the current time between hand-overs, and ``waits``, its last few waits for
 #: the GIL; shared by every Yielder so that loops run one after another add up
@@ -190,14 +193,29 @@ class Yielder:
         if not hasattr(_ran, "period"):
             _ran.period = every
             _ran.waits = collections.deque(maxlen=5)
+        #: calls between two looks at the clock, calls left before the next, and the CPU
+        #: time at the last look: reading a thread's CPU clock is a system call (about
+        #: 1 µs here), a fifth of a small loop item's cost, and items of one loop are alike
+        self._stride = self._left = 1
+        self._looked = now
 
     def __call__(self, ahead: float = 0.0) -> None:
         """Hand over if the period is up, or if it would be `ahead` seconds of CPU from
         now: before a stretch that must not be interrupted, so it starts with that much
         of the period left."""
-        if time.thread_time() - _ran.since + ahead >= _ran.period:
+        self._left -= 1
+        if self._left > 0 and not ahead:
+            return
+        now = time.thread_time()
+        spent = now - self._looked
+        # look again after about LOOK of CPU time
+        self._stride = max(1, min(64, int(self._stride * LOOK / spent))) if spent > 0 else 1
+        self._left = self._stride
+        self._looked = now
+        if now - _ran.since + ahead >= _ran.period:
             start = time.perf_counter()
             hand_over()
+            self._looked = _ran.since
             _ran.waits.append(time.perf_counter() - start)
             # the median of the last few waits: one long one (the OS ran something else
             # meanwhile) must not let the thread hold the GIL that long next time
