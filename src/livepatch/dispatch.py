@@ -714,7 +714,7 @@ class Universe:
         other = 1 - goal
         pace = Yielder()
         foreign = False
-        loop_thread: dict[int, int | None] = {}  # id(loop) → its thread, for this check
+        thread_of = tasks.loop_threads()
         contexts = _TASK_CONTEXTS
         for start in range(0, max(len(items), 1), _CHECK_CHUNK):
             with self.lock:
@@ -728,11 +728,7 @@ class Universe:
                         rec.blocking = []
                         continue
                     if not rec.info.is_thread:
-                        loop = key.get_loop()
-                        thread = loop_thread.get(id(loop), -1)
-                        if thread == -1:
-                            thread = loop_thread[id(loop)] = tasks.loop_thread(loop)
-                        rec.info.thread = thread
+                        rec.info.thread = thread_of(key.get_loop())
                         foreign = foreign or (contexts and self._shares_a_mark(key))
                     frames = tasks.frames_of(rec.info, snapshot)
                     bad = [f for f in frames if sides.get(id(f.f_code)) == other]

@@ -24,7 +24,7 @@ import sys
 import threading
 import types
 from asyncio import tasks as _atasks
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import CodeType, FrameType
 from typing import Any
 
@@ -102,6 +102,19 @@ def loop_thread(loop: Any) -> int | None:
     return ident if isinstance(ident, int) else None
 
 
+def loop_threads() -> Callable[[Any], int | None]:
+    """:func:`loop_thread` that looks each loop up once: a few loops host many tasks."""
+    seen: dict[int, int | None] = {}
+
+    def thread_of(loop: Any) -> int | None:
+        ident = seen.get(id(loop), -1)
+        if ident == -1:
+            ident = seen[id(loop)] = loop_thread(loop)
+        return ident
+
+    return thread_of
+
+
 def thread_names() -> dict[int, str]:
     return {t.ident: t.name for t in threading.enumerate() if t.ident is not None}
 
@@ -119,13 +132,8 @@ def all_tasks() -> list[TaskInfo]:
         for ident in sys._current_frames()
         if not names.get(ident, "").startswith(OWN_THREAD_PREFIX)
     ]
-    threads: dict[int, int | None] = {}  # id(loop) → its thread: a few loops, many tasks
-    for task in _asyncio_tasks():
-        loop = task.get_loop()
-        thread = threads.get(id(loop), -1)
-        if thread == -1:
-            thread = threads[id(loop)] = loop_thread(loop)
-        out.append(TaskInfo(task, thread))
+    thread_of = loop_threads()
+    out += [TaskInfo(task, thread_of(task.get_loop())) for task in _asyncio_tasks()]
     return out
 
 
