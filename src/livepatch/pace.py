@@ -89,9 +89,20 @@ _ours = 0.0  # the interval we set, as read back
 
 def hand_over() -> None:
     """Let other threads run now, if there are any (a real sleep, not ``sleep(0)``)."""
-    if threading.active_count() > 1:
+    if threading.active_count() > 1 and not getattr(_ran, "held", 0):
         time.sleep(SLEEP)
     _ran.since = time.thread_time()
+
+
+@contextmanager
+def held() -> Iterator[None]:
+    """No hand-overs in this thread for the length of the block: the world is stopped
+    (``stop``), so a nap would only lengthen the pause; every other thread is parked."""
+    _ran.held = getattr(_ran, "held", 0) + 1
+    try:
+        yield
+    finally:
+        _ran.held -= 1
 
 
 def _set_interval(seconds: float) -> float:

@@ -484,7 +484,7 @@ def _run_stop(t: Transition) -> None:
         blockers: list[Blocker] = []
         with lock:  # before parking: a parked thread must not be holding it
             t.attempts += 1
-            with stopworld.parked(avoid=[c.old.code for c in t.changes]) as pause:
+            with stopworld.parked(avoid=[c.old.code for c in t.changes]) as pause, pace.held():
                 blockers = [] if forced else _stop_check(t, me)
                 if not blockers:
                     try:

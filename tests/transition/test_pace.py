@@ -141,6 +141,28 @@ def test_loops_one_after_another_share_the_threads_clock(monkeypatch) -> None:
     assert first[0] >= pace.EVERY * 0.9
 
 
+def test_no_hand_over_while_held() -> None:
+    """With the world stopped a nap only lengthens the pause: ``held`` turns them off (and
+    back on). 200 naps of 50 µs take 10 ms at least; 200 held calls next to nothing."""
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, args=(5,), name="lptest-other", daemon=True)
+    other.start()  # hand_over naps only when another thread could use the GIL
+    try:
+        def timed() -> float:
+            start = time.perf_counter()
+            for _ in range(200):
+                pace.hand_over()
+            return time.perf_counter() - start
+
+        with pace.held():
+            quiet = timed()
+        assert quiet < 0.005
+        assert timed() > 200 * pace.SLEEP
+    finally:
+        stop.set()
+        other.join(5)
+
+
 @contextmanager
 def paced_in_another_thread() -> Iterator[None]:
     """Another thread sits inside paced() for the length of the block."""
