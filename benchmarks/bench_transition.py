@@ -7,19 +7,19 @@
    calling the patched function), where the GIL hands the patching thread few slices.
 2. The longest pause any thread sees while a 100-function patch is applied and reverted,
    with 4 threads calling the patched functions (1 ms of sleep between rounds): a ticker
-   thread sleeps 0.1 ms at a time and records its gaps beyond that, over the whole
-   ``apply``/``revert`` calls and 20 ms after each (the calls include the engine compiling
-   and verifying 100 functions) and inside the two transitions proper. Two references run
-   in the same cycles, so the machine's noise hits them alike: "no patching", the same
-   ticker and callers for as long as the apply+revert took, and a one-function patch's
-   transitions, the least any transition does. Per window: median and max over the
-   cycles of its longest gap, how many gaps over 1 ms it held, and the longest gap of the
-   same ticker run in another process over the same spans: a thread that shares no GIL
-   with us, so the machine's own floor (on a VM, a virtual CPU that went idle can take a
-   millisecond to wake up). Target: under 1 ms for hybrid (the patching thread hands the
-   GIL over, ``livepatch.pace``); ``stop`` parks the world and reports how long.
-   ``benchmarks/trace_pauses.py`` says how much of a gap was a wait for the GIL, and who
-   held it meanwhile.
+   thread sleeps 0.1 ms at a time and records its gaps beyond that. Windows: each
+   ``apply`` and each ``revert`` call with the 20 ms after it (the apply includes the
+   engine compiling and verifying 100 functions), and each transition proper. Two
+   references run in the same cycles, so the machine's noise hits them alike: "no
+   patching", the same ticker and callers in windows as long, and a one-function patch's
+   transitions, the least any transition does. Per kind of window: median and max over
+   the windows of the ticker's longest gap, how many gaps over 1 ms they held, and the
+   longest gap of the same ticker run in another process over the same spans: a thread
+   that shares no GIL with us, so the machine's own floor (on a VM, a virtual CPU that
+   went idle can take a millisecond to wake up). Target: under 1 ms for hybrid (the
+   patching thread hands the GIL over, ``livepatch.pace``); ``stop`` parks the world and
+   reports how long. ``benchmarks/trace_pauses.py`` says how much of a gap was a wait for
+   the GIL, and who held it meanwhile.
 
 3. How long the engine plans (compiles and verifies) that 100-function patch, alone.
 4. How long the heap scan takes that a patch replacing a generator or coroutine function
@@ -271,7 +271,7 @@ class OutsideTicker:
 
 
 class Spread:
-    """One kind of window over the cycles: its longest gap per cycle, how many gaps over
+    """One kind of window over the cycles: its longest gap per window, how many gaps over
     1 ms it held in how much time (the rate says more than a maximum when the machine's
     other load stalls threads now and then), and the longest gap of a ticker in another
     process in the same spans (the machine's own floor: what no hand-over can remove)."""
@@ -320,13 +320,21 @@ def call_wide(module: Any, stop: threading.Event) -> None:
         time.sleep(0.001)
 
 
-def apply_and_revert(patch: livepatch.Patch, model: str) -> list[livepatch.Transition]:
-    """Apply, 20 ms, revert, 20 ms: the transitions."""
-    ts = [livepatch.apply(patch, model=model, timeout=10)]
-    time.sleep(0.02)
-    ts.append(livepatch.revert(patch.name, model=model, timeout=10))
-    time.sleep(0.02)
-    return ts
+def apply_and_revert(
+    patch: livepatch.Patch, model: str
+) -> list[tuple[float, float, livepatch.Transition]]:
+    """Apply, 20 ms, revert, 20 ms: per call, its window (the call and the 20 ms after it)
+    and its transition."""
+    calls = []
+    for action in ("apply", "revert"):
+        start = time.monotonic()
+        if action == "apply":
+            t = livepatch.apply(patch, model=model, timeout=10)
+        else:
+            t = livepatch.revert(patch.name, model=model, timeout=10)
+        time.sleep(0.02)
+        calls.append((start, time.monotonic(), t))
+    return calls
 
 
 def pauses(model: str, cycles: int) -> list[str]:
@@ -338,27 +346,28 @@ def pauses(model: str, cycles: int) -> list[str]:
                for _ in range(4)]
     for c in callers:
         c.start()
-    base, whole = Spread("no patching"), Spread("whole apply/revert")
+    base, whole = Spread("no patching"), Spread("whole apply or revert")
     inside, least = Spread("inside transition"), Spread("inside, 1-function patch")
     paused: list[float] = []
     outside = OutsideTicker()
     try:
         for _ in range(cycles):
             with Ticker() as ticker:
-                start = time.monotonic()
-                ts = apply_and_revert(patch, model)
-                end = time.monotonic()
-            paused.extend(t.paused for t in ts)
-            whole.add(ticker.within(start, end), end - start, [(start, end)])
-            inside.add_transitions(ticker, ts)
-            length = end - start
-            with Ticker() as ticker:  # the baseline: same threads, same length, no patching
-                start = time.monotonic()
-                time.sleep(length)
-                end = time.monotonic()
-            base.add(ticker.within(start, end), end - start, [(start, end)])
+                calls = apply_and_revert(patch, model)
+            for start, end, t in calls:
+                paused.append(t.paused)
+                whole.add(ticker.within(start, end), end - start, [(start, end)])
+                inside.add_transitions(ticker, [t])
+            # the baseline: the same threads, windows as long, no patching
             with Ticker() as ticker:
-                least.add_transitions(ticker, apply_and_revert(one, model))
+                for length in [end - start for start, end, _ in calls]:
+                    start = time.monotonic()
+                    time.sleep(length)
+                    end = time.monotonic()
+                    base.add(ticker.within(start, end), end - start, [(start, end)])
+            with Ticker() as ticker:
+                for _, _, t in apply_and_revert(one, model):
+                    least.add_transitions(ticker, [t])
     finally:
         callers_stop.set()
         for c in callers:
@@ -439,7 +448,9 @@ def section_4() -> None:
 
 def section_2(models: list[str], cycles: int) -> None:
     print("\n2. longest pause seen by a ticker thread, 100-function patch, 4 caller threads;")
-    print("   per window, median / max over the cycles: its longest gap; gaps over 1 ms in all;")
+    print("   per window, median / max over the windows (each apply and each revert: the")
+    print("   call and 20 ms after it, or its transition): the ticker's longest gap; gaps")
+    print("   over 1 ms in all;")
     print("   the longest gap of the same ticker in another process (the machine's floor).")
     print("   'no patching': the same threads for as long, right after each apply+revert;")
     print("   '1-function patch': its transitions, in the same cycles (the least one does)")
