@@ -76,8 +76,9 @@ LONGEST = 0.005
 #: hand-over comes at most this much after its period is up
 LOOK = 50e-6
 #: per thread: ``since``, its CPU time (``time.thread_time``) when it last handed over,
-#: ``period``, the current time between hand-overs, and ``waits``, its last few waits for
-#: the GIL; shared by every Yielder so that loops run one after another add up
+#: ``period``, the current time between hand-overs, ``waits``, its last few waits for
+#: the GIL (shared by every Yielder so that loops run one after another add up), and
+#: ``held``, how deep it is inside :func:`held` (no hand-overs then)
 _ran = threading.local()
 
 _lock = threading.Lock()
