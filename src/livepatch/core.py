@@ -910,9 +910,7 @@ class _ApplyHooks:
                     f"{self.record.patch.name}: installing the new code failed "
                     f"({type(exc).__name__}: {exc}); every function was put back"
                 ) from exc
-            for p in self.plan.prepared:
-                handing_over()
-                redirect.register(p.slot)
+            redirect.register_all([p.slot for p in self.plan.prepared])
             for slot in touched:
                 redirect.discard_if_idle(slot)
             for old in self.superseded:
@@ -960,8 +958,9 @@ def _adopt_stragglers(slots: list[Slot]) -> None:
     handing_over = pace.Yielder()
     with LOCK:
         for slot in _unique(slots):
-            handing_over()
-            slot.adopt()
+            if slot.nested:  # only their instances come and go
+                handing_over()
+                slot.adopt()
 
 
 def _unique(slots: list[Slot]) -> list[Slot]:

@@ -328,8 +328,16 @@ class _Entry:
     global_name: str
     #: the function's code when the entry was made (install checks it is still there)
     original: CodeType
+    #: the builtins dict the function sees, where its state goes
+    builtins: dict[str, Any]
+    #: the state left under `global_name` once dispatch ends (see Universe.remove)
+    tombstone: tuple[Any, ...]
     #: what the trampoline reads from `global_name`
     state: tuple[Any, ...] = ()
+    #: what install stores: (code, defaults, kwdefaults), made by prepare
+    dispatching: tuple[Any, ...] = ()
+    #: what remove stores, per side: (code, defaults, kwdefaults to copy)
+    finals: tuple[tuple[Any, ...], ...] = ()
 
     def trampoline_defaults(self) -> tuple[Any, Any]:
         if not self.exact:
@@ -409,6 +417,8 @@ class Universe:
         #: true while trampolines are still going in and the clones already serve calls
         self.ended = False
         self._signalled: set[int] = set()  # loops with a pending _loop_safepoint
+        #: entries built by prepare() and not installed yet
+        self._ready: list[_Entry] | None = None
         for change in changes:
             # a frame of an enclosing function is on the side of the closures it makes
             for side in (OLD, NEW):
@@ -420,14 +430,15 @@ class Universe:
 
     # -- installing and removing trampolines ------------------------------------------
 
-    def install(self, caller_frame: FrameType | None) -> None:
-        """Put trampolines in, then record every existing task as behind (old universe).
+    def prepare(self) -> None:
+        """Build every clone, trampoline and state, storing nothing yet.
 
-        While trampolines go in (``installing``) every call takes the slow path and the
-        old version — some functions still run their old code directly, so nobody may
-        run a new version yet — and nobody switches. That needs no lock, so a thread
-        calling into the patch meanwhile does not wait for the whole install. Clones and
-        trampolines are built first, so that window is only the stores themselves.
+        This is the bulk of a transition's work per function (tens of µs each: two
+        clones, a trampoline code object, the states), and it changes nothing that any
+        other thread can see, so it runs before the transition starts — paced, like
+        planning — and the transition itself is only the stores. For 100 functions that
+        took the transition from about 4 ms of the patching thread's time to well under
+        one (``benchmarks/bench_transition.py`` section 2 shows what a ticker sees).
         """
         _sweep_tombstones()
         pace = Yielder()
@@ -437,17 +448,44 @@ class Universe:
                 for func in change.slot.funcs:
                     ready.append(self._prepare(func, change.old, change.new))
                 pace()
+        self._ready = ready
+
+    def install(self, caller_frame: FrameType | None) -> None:
+        """Put trampolines in, then record every existing task as behind (old universe).
+
+        While trampolines go in (``installing``) every call takes the slow path and the
+        old version — some functions still run their old code directly, so nobody may
+        run a new version yet — and nobody switches. That needs no lock, so a thread
+        calling into the patch meanwhile does not wait for the whole install. Clones and
+        trampolines were built by :meth:`prepare`, so that window is only the stores.
+        """
+        if self._ready is None:
+            self.prepare()
+        ready, self._ready = self._ready or [], []
+        pace = Yielder()
         # from the first store to the end of the first check no hand-over may happen
         # (every call takes the slow path meanwhile): start with half a period left
         pace(ahead=pace.every / 2)
         self.slow["installing"] = True
         try:
+            entries = self.entries
             for entry in ready:
-                if (entry.func.__code__ is not entry.original
-                        or entry.func.__defaults__ is not entry.saved_defaults
-                        or entry.func.__kwdefaults__ is not entry.saved_kwdefaults):
-                    entry = self._prepare(entry.func, *entry.versions)  # changed meanwhile
-                self._install_one(entry)
+                func = entry.func
+                if (func.__code__ is not entry.original
+                        or func.__defaults__ is not entry.saved_defaults
+                        or func.__kwdefaults__ is not entry.saved_kwdefaults):
+                    entry = self._prepare(func, *entry.versions)  # changed meanwhile
+                code, d, kw = entry.dispatching
+                # The state lives in the builtins the function sees (``func.__builtins__``):
+                # a specialised LOAD_GLOBAL finds it in a few ns, and no module namespace
+                # changes.
+                entry.builtins[entry.global_name] = entry.state
+                # Three stores with no call or backward jump between them: no other thread
+                # can run in between (the GIL is only handed over at those points).
+                func.__code__ = code
+                func.__defaults__ = d
+                func.__kwdefaults__ = kw
+                entries.append(entry)
             with self.lock:
                 self.installed = True
                 caller = tasks.current_key()
@@ -480,22 +518,19 @@ class Universe:
             exact,
             name,
             func.__code__,
+            _builtins_of(func),
+            # what remove() leaves behind (see there), made now to keep remove to stores
+            ({}, SWITCHED, _NEVER, func, _forward(func)),
         )
         entry.state = self._state(entry)
+        entry.dispatching = (trampoline, *entry.trampoline_defaults())
+        entry.finals = tuple(
+            (v.code,
+             defaults if v.defaults is KEEP else v.defaults,
+             kwdefaults if v.kwdefaults is KEEP else v.kwdefaults)
+            for v in entry.versions
+        )
         return entry
-
-    def _install_one(self, entry: _Entry) -> None:
-        func = entry.func
-        d, kw = entry.trampoline_defaults()
-        # The state lives in the builtins the function sees (``func.__builtins__``): a
-        # specialised LOAD_GLOBAL finds it in a few ns, and no module namespace changes.
-        _builtins_of(func)[entry.global_name] = entry.state
-        # Three stores with no call or backward jump between them: no other thread can
-        # run in between (the GIL is only handed over at those points).
-        func.__code__ = entry.trampoline
-        func.__defaults__ = d
-        func.__kwdefaults__ = kw
-        self.entries.append(entry)
 
     def _state(self, entry: _Entry) -> tuple[Any, ...]:
         slow_call = functools.partial(self.slow_call, entry)
@@ -505,15 +540,15 @@ class Universe:
         """Install `side`'s version directly on every function (dispatch ends)."""
         pace = Yielder()
         with self.lock:
+            now = time.monotonic()
             for entry in self.entries:
                 # every task is on `side` and the lock keeps it so: functions already
                 # done and trampolines still in place run the same version meanwhile
                 pace()
-                version = entry.versions[side]
-                d = entry.saved_defaults if version.defaults is KEEP else version.defaults
-                kw = entry.saved_kwdefaults if version.kwdefaults is KEEP else version.kwdefaults
-                func, code, kw = entry.func, version.code, dict(kw) if kw else None
-                # three stores with no call between them (see _install_one)
+                func = entry.func
+                code, d, kw = entry.finals[side]
+                kw = dict(kw) if kw else None
+                # three stores with no call between them (see install)
                 func.__code__ = code
                 func.__defaults__ = d
                 func.__kwdefaults__ = kw
@@ -522,9 +557,8 @@ class Universe:
                 # after another transition has begun: leave a state that calls the live
                 # function again, so it goes wherever calls go *then*. Dropped much later
                 # (_sweep_tombstones).
-                _builtins_of(func)[entry.global_name] = ({}, SWITCHED, _NEVER, func,
-                                                         _forward(func))
-                _tombstones.append((time.monotonic(), _builtins_of(func), entry.global_name))
+                entry.builtins[entry.global_name] = entry.tombstone
+                _tombstones.append((now, entry.builtins, entry.global_name))
                 # the state's slow path (a partial of this universe's method, holding the
                 # entry) makes a cycle: break it, so the transition's objects go with
                 # their last reference instead of waiting for the cyclic collector
@@ -842,7 +876,7 @@ class Universe:
                 if rec is not None and rec.side != self.goal and self._clean(caller_frame):
                     rec.side = self.goal
                 for entry in self.entries:
-                    _builtins_of(entry.func)[entry.global_name] = self._state(entry)
+                    entry.builtins[entry.global_name] = self._state(entry)
                 self.total = len(self.records)
                 if self._gen_codes(1 - self.goal):
                     self.slow["scanning"] = True

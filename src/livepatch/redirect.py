@@ -149,7 +149,7 @@ class Slot:
             self.rewrite_outers(version.code)
         for func in self.funcs:
             version.install(func)
-        if not self.nested:
+        if not self.nested and _nested:
             _reconcile_nested(self)
         errors = []
         for hook in self.after_install:
@@ -250,8 +250,8 @@ class Slot:
 def _reconcile_nested(outer_slot: Slot) -> None:
     """After an enclosing function got new code, re-point its nested constants at the
     versions their own slots run (a patch to `outer` must not drop a patch to `inner`)."""
-    for slot in list(_slots.values()):
-        if slot.nested and slot.stack and any(o in outer_slot.funcs for o in slot.outers):
+    for slot in list(_nested.values()):
+        if slot.stack and any(o in outer_slot.funcs for o in slot.outers):
             slot.rewrite_outers(slot.effective().code)
 
 
@@ -259,8 +259,8 @@ def pristine(func: FunctionType) -> CodeType:
     """`func`'s code with the constants that nested slots rewrote put back to their
     originals: the code its source compiles to, for fingerprints."""
     code = func.__code__
-    for slot in list(_slots.values()):
-        if slot.nested and func in slot.outers:
+    for slot in list(_nested.values()):
+        if func in slot.outers:
             code = replace_named(code, slot.qualname, slot.original.code)
     return code
 
@@ -297,6 +297,9 @@ def replace_named(code: CodeType, qualname: str, new: CodeType) -> CodeType:
 #: the function alive, so the id cannot be reused while the slot exists — or
 #: ("nested", key). Guarded by its own small lock so readers need not take core.LOCK.
 _slots: dict[Any, Slot] = {}
+#: the nested ones among them, which every install of a plain function looks through
+#: (_reconcile_nested): a patch of 100 functions would otherwise look at 100 x 100 slots
+_nested: dict[Any, Slot] = {}
 _slots_lock = threading.Lock()
 
 
@@ -304,9 +307,13 @@ def slot_for(ident: Any) -> Slot | None:
     return _slots.get(ident)
 
 
-def register(slot: Slot) -> Slot:
+def register_all(slots: list[Slot]) -> None:
+    """Remember each of `slots` as patched (one hold of the lock for a whole patch)."""
     with _slots_lock:
-        return _slots.setdefault(slot.ident, slot)
+        for slot in slots:
+            found = _slots.setdefault(slot.ident, slot)
+            if found.nested:
+                _nested[found.ident] = found
 
 
 def discard_if_idle(slot: Slot) -> None:
@@ -314,6 +321,7 @@ def discard_if_idle(slot: Slot) -> None:
     with _slots_lock:
         if not slot.stack and _slots.get(slot.ident) is slot:
             del _slots[slot.ident]
+            _nested.pop(slot.ident, None)
 
 
 def all_slots() -> list[Slot]:

@@ -334,6 +334,17 @@ def begin(
     """Start a transition; raise TransitionBusy if another one is in flight."""
     global _current
     model = Model.parse(model)
+    universe = None
+    if not force and model in (Model.TWO_UNIVERSE, Model.HYBRID):
+        if not _gil_enabled():
+            raise PatchError(
+                f"{patch}: model {model.value!r} needs the GIL and this interpreter runs "
+                "without it (free-threaded build); use model='stop'"
+            )
+        # building the trampolines is preparation, like planning: nothing changes for
+        # any task yet, so it happens before the transition starts (and is not timed)
+        universe = dispatch.Universe(changes, hybrid=model is Model.HYBRID)
+        universe.prepare()
     t = Transition(
         patch=patch,
         model=model,
@@ -355,12 +366,8 @@ def begin(
         elif model is Model.STOP:
             _start_worker(t, _run_stop)
         else:
-            if not _gil_enabled():
-                raise PatchError(
-                    f"{patch}: model {model.value!r} needs the GIL and this interpreter runs "
-                    "without it (free-threaded build); use model='stop'"
-                )
-            _start_dispatch(t, sys._getframe(1))
+            assert universe is not None
+            _start_dispatch(t, universe, sys._getframe(1))
     except BaseException:
         _clear(t)
         raise
@@ -551,8 +558,7 @@ def _timeout_message(t: Transition, what: str) -> str:
 # -- two_universe and hybrid (kGraft, Linux 4.12+) ------------------------------------
 
 
-def _start_dispatch(t: Transition, caller: FrameType | None) -> None:
-    universe = dispatch.Universe(t.changes, hybrid=t.model is Model.HYBRID)
+def _start_dispatch(t: Transition, universe: dispatch.Universe, caller: FrameType | None) -> None:
     t._universe = universe
     universe.install(caller)
     if t.model is Model.HYBRID:
