@@ -13,7 +13,9 @@ It reports:
 1. Per transition and per apply/revert call (median / max over them), the ticker's
    longest gap and its longest wait for the GIL. The wait is the share of a pause that
    the process's threads cause; the rest of a gap is the ticker's sleep running late.
-2. For the ticker's waits over 0.5 ms inside transitions, who had the GIL meanwhile:
+2. For the ticker's waits over 0.5 ms inside transitions (``--within calls``: inside
+   whole apply/revert calls; ``--within after``: in the 20 ms after each), who had the
+   GIL meanwhile:
    - the patching thread, by the code between the hand-overs around each hold, marked
      ``[gc]`` where a collection ran in it;
    - the other threads;
@@ -28,6 +30,7 @@ Needs Linux, perf with uprobes, and the right to trace (root). The probes are ad
 the group ``lptrace`` and removed at the end.
 
     .venv/bin/python benchmarks/trace_pauses.py [--cycles 10] [--functions 100] [--callers 4]
+        [--within transitions|calls|after]
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ GROUP = "lptrace"
 PROBES = {"take": "take_gil", "take__return": "take_gil%return", "drop": "drop_gil"}
 #: a wait of the ticker this long or longer is looked into
 LONG_WAIT = 0.0005
+#: the windows whose long waits --within looks into
+WITHIN = {"transitions": "transitions", "calls": "apply/revert calls",
+          "after": "the 20 ms after each apply/revert"}
 
 
 def scene(cycles: int, model: str, functions: int, callers: int, out: Path) -> None:
@@ -201,7 +207,7 @@ def percentiles(xs: list[float]) -> str:
     return f"{xs[len(xs) // 2] * 1e3:5.2f} / {xs[-1] * 1e3:5.2f} ms"
 
 
-def report(data: dict[str, Any], gil: GIL) -> None:
+def report(data: dict[str, Any], gil: GIL, within: str = "transitions") -> None:
     main, ticker = data["tids"]["main"], data["tids"]["ticker"]
     waits = gil.waits[ticker]
     print("per window, median / max over the windows:")
@@ -214,8 +220,11 @@ def report(data: dict[str, Any], gil: GIL) -> None:
         print(f"  {label:<21} longest gap {percentiles(gaps)}; "
               f"longest wait for the GIL {percentiles(longest)}")
 
+    windows = {"transitions": data["spans"], "calls": data["calls"],
+               "after": [(b, b + 0.02) for a, b in data["calls"]]}[within]
+
     def inside(a: float, b: float) -> bool:
-        return any(s < b and e > a for s, e in data["spans"])
+        return any(s < b and e > a for s, e in windows)
 
     long_waits = [(a, b) for a, b in waits if b - a >= LONG_WAIT and inside(a, b)]
     naps = data["naps"]
@@ -246,7 +255,8 @@ def report(data: dict[str, Any], gil: GIL) -> None:
             longest_free = max(longest_free, b - cursor)
     total = sum(b - a for a, b in long_waits)
     print(f"\nthe ticker's {len(long_waits)} waits for the GIL of over {LONG_WAIT * 1e3:g} ms "
-          f"inside transitions, {total * 1e3:.1f} ms in all; meanwhile the GIL was held by:")
+          f"inside {WITHIN[within]}, "
+          f"{total * 1e3:.1f} ms in all; meanwhile the GIL was held by:")
     for key in ("the patching thread", "other threads", "nobody (dropped, not yet taken)"):
         print(f"  {key:<32} {who[key] * 1e3:7.1f} ms")
     print(f"  (the longest stretch with nobody holding it: {longest_free * 1e3:.2f} ms)")
@@ -268,6 +278,10 @@ def main() -> None:
     parser.add_argument("--model", default="hybrid")
     parser.add_argument("--functions", type=int, default=100, help="patched functions (1-100)")
     parser.add_argument("--callers", type=int, default=4, help="threads calling them")
+    parser.add_argument("--within", choices=WITHIN, default="transitions",
+                        help="whose long waits to look into: inside transitions, inside "
+                        "whole apply/revert calls (planning included), or in the 20 ms after "
+                        "each call")
     parser.add_argument("--scene", type=Path, help=argparse.SUPPRESS)  # the traced child
     args = parser.parse_args()
     if not 1 <= args.functions <= 100:
@@ -299,7 +313,7 @@ def main() -> None:
             remove_probes()
         print(f"Python {sys.version.split()[0]}; {args.cycles} apply+revert cycles of a "
               f"{args.functions}-function {args.model} patch, {args.callers} calling threads\n")
-        report(json.loads(data_file.read_text()), GIL(trace))
+        report(json.loads(data_file.read_text()), GIL(trace), args.within)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,9 @@ class Context:
 
 
 _imports_cache: dict[tuple[str, int], tuple[str, ...]] = {}
+#: file name → (the line list linecache gave, its imports): skips joining and hashing
+#: the module's text again while linecache holds the same list
+_imports_by_lines: dict[str, tuple[list[str], tuple[str, ...]]] = {}
 
 
 def module_future_flags(module: ModuleType) -> int:
@@ -99,6 +102,9 @@ def module_imports(module: ModuleType) -> tuple[str, ...]:
     if not lines:
         # no source: names bound to modules are the imports we can still see
         return tuple(sorted(k for k, v in vars(module).items() if isinstance(v, ModuleType)))
+    seen = _imports_by_lines.get(filename or "")
+    if seen is not None and seen[0] is lines:
+        return seen[1]  # the same cached text: every function of a module asks
     text = "".join(lines)
     key = (filename or "", hash(text))
     found = _imports_cache.get(key)
@@ -110,6 +116,8 @@ def module_imports(module: ModuleType) -> tuple[str, ...]:
         names: set[str] = set()
         _collect_imports(tree.body, names)
         found = _imports_cache[key] = tuple(sorted(names))
+    # holding the list keeps its identity from being reused by another text
+    _imports_by_lines[filename or ""] = (lines, found)
     return found
 
 

@@ -512,10 +512,19 @@ def _display_filename(patch: Patch, source: Source) -> str:
     """Where tracebacks through the new code point: the patch's file, named by the patch,
     showing the text the patch was loaded from."""
     display = f"{source.filename} [livepatch {patch.name}]"
-    if source.lines:
+    # every def of a patch file carries the whole file: write the entry once per patch,
+    # not once per function (a patch of n functions would copy n files)
+    # (and again if linecache.clearcache() dropped it)
+    if source.lines and (_shown.get(display) != source.lines
+                         or display not in linecache.cache):
         lines = list(source.lines)
         linecache.cache[display] = (sum(map(len, lines)), None, lines, display)
+        _shown[display] = source.lines
     return display
+
+
+#: display file name → the text last put in the line cache under it
+_shown: dict[str, tuple[str, ...]] = {}
 
 
 def _refuse_extra_decorators(spec: FunctionSpec, node: codegen.FunctionNode) -> None:

@@ -211,3 +211,34 @@ def test_inspect_getsource_shows_the_replacement(env: Env, m: types.ModuleType) 
     assert "METHOD-RAISE" in source and source.lstrip().startswith(("@patch", "def add"))
     livepatch.revert("getsource", model=IMM)
     assert "METHOD-RAISE" not in inspect.getsource(m.Cart.add)
+
+
+def test_lines_follow_the_text_each_apply_loads(env: Env, m: types.ModuleType) -> None:
+    """The line cache entry is written once per patch, not per function: it must still
+    follow a patch edited and applied again under the same name, and come back after
+    linecache.clearcache()."""
+    path = env.patch_text(PATCH.replace("NAME", "fix-again"), m)
+    patch = livepatch.load(path)
+    livepatch.apply(patch, model=IMM)
+    livepatch.revert("fix-again", model=IMM)
+    linecache.clearcache()
+    livepatch.apply(patch, model=IMM)  # the same text again
+    with pytest.raises(OverflowError) as info:
+        m.price(50)
+    assert "NESTED-RAISE" in linecache.getline(*_where(last_frame(info.value)))
+    livepatch.revert("fix-again", model=IMM)
+    edited = PATCH.replace("NAME", "fix-again").replace("# NESTED-RAISE", "# EDITED-RAISE")
+    path = env.patch_text(edited, m)
+    patch = livepatch.load(path)
+    linecache.clearcache()
+    livepatch.apply(patch, model=IMM)
+    with pytest.raises(OverflowError) as info:
+        m.price(50)
+    frame = last_frame(info.value)
+    assert frame.filename == f"{path.resolve()} [livepatch fix-again]"
+    assert "EDITED-RAISE" in linecache.getline(frame.filename, frame.lineno)
+
+
+def _where(frame: traceback.FrameSummary) -> tuple[str, int]:
+    assert frame.lineno is not None
+    return frame.filename, frame.lineno
