@@ -260,6 +260,12 @@ def report(data: dict[str, Any], gil: GIL, within: str = "transitions") -> None:
     for key in ("the patching thread", "other threads", "nobody (dropped, not yet taken)"):
         print(f"  {key:<32} {who[key] * 1e3:7.1f} ms")
     print(f"  (the longest stretch with nobody holding it: {longest_free * 1e3:.2f} ms)")
+    held = sorted(y - x for a, b in windows for x, y, tid in gil.during(a, b) if tid == main)
+    if held:
+        print(f"\nevery hold of the GIL by the patching thread inside {WITHIN[within]}: "
+              f"{len(held)}, median {held[len(held) // 2] * 1e3:.3f} ms, "
+              f"90th percentile {held[int(0.9 * (len(held) - 1))] * 1e3:.3f} ms, "
+              f"longest {held[-1] * 1e3:.2f} ms")
     print("\nthe patching thread's holds in those waits, by the hand-overs around them:")
     for region, seconds in sorted(regions.items(), key=lambda kv: -kv[1])[:10]:
         print(f"  {seconds * 1e3:6.2f} ms  {region}")
