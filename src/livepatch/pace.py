@@ -36,13 +36,15 @@ The price is the patching thread's own speed. Under ``paced`` it shares the GIL 
 of :data:`INTERVAL` instead of 5 ms, so with many busy threads it queues for the GIL after
 every slice: measured with ``benchmarks/bench_transition.py`` (64 request-like threads and
 1,000 asyncio tasks), pacing the whole transition made hybrid transitions 1.5 to 3 times
-slower and two_universe ones 2 to 5 times. So planning runs inside :func:`paced`, and of
-the transition only the work per function of a patch of :data:`BULK` functions or more
-(building the trampolines, removing them, finalizing): for 100 functions, the longest
-time a ticker was kept off the GIL inside the transition went from 2.08 to 1.47 ms
-(medians of four alternating runs each of ``bench_transition.py --models hybrid
---sections 2``). The check of every task, whose length grows with the program and not the
-patch, hands over through :class:`Yielder` alone.
+slower and two_universe ones 2 to 5 times. So planning runs inside :func:`paced`, and so
+does building the trampolines of a patch of :data:`BULK` functions or more
+(``dispatch.Universe.prepare``, before the transition starts); of the transition only
+removing them and finalizing (for 100 functions, pacing the per-function work took the
+longest time a ticker was kept off the GIL inside the transition from 2.08 to 1.47 ms,
+medians of four alternating runs each of ``bench_transition.py --models hybrid
+--sections 2``; building ahead took it below 1 ms in about half the runs). The check of
+every task, whose length grows with the program and not the patch, hands over through
+:class:`Yielder` alone.
 
 What is left on a 2-core VM: a thread woken by a hand-over may still lose the GIL to
 another waiter (CPython's GIL is not first come, first served), and the host may stop a
@@ -63,7 +65,9 @@ from contextlib import contextmanager
 
 #: the switch interval while the engine plans, and while it builds or removes the
 #: trampolines of a large patch (seconds): a waiting thread forces a hand-over after this
-#: long, well inside the 1 ms pause budget
+#: long, well inside the 1 ms pause budget — in principle. On the development VM that
+#: timed wait fires late, and planning without naps (forced hand-overs alone) paused a
+#: ticker 1.4 to 2x as long (benchmarks/pair_pace.py): the naps do most of the work
 INTERVAL = 0.0002
 #: how long a hand-over sleeps (the kernel adds its timer slack, about 50 µs): long
 #: enough for a woken waiter to get a CPU and the GIL before the patching thread is back
