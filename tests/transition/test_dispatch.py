@@ -188,3 +188,24 @@ def test_trampoline_matches_free_variables():
     for freevars in [(), ("a",), ("__class__",), ("args", "kwargs", "x")]:
         code = dispatch._template(freevars, None, 0)
         assert code.co_freevars == freevars
+
+
+def test_a_default_changed_after_the_trampolines_were_built_is_kept(tmp_module, monkeypatch):
+    """Trampolines are built before the transition starts (Universe.prepare); a program
+    thread may change a function's defaults in between. install must build that entry
+    again: a nested function keeps its own defaults through the patch, and the stale ones
+    must not come back when dispatch ends."""
+    m = tmp_module(TARGET)
+    patch = patch_for(m, "late-default", PATCH)
+    prepare = dispatch.Universe.prepare
+
+    def prepare_then_change(universe: dispatch.Universe) -> None:
+        prepare(universe)
+        m.COUNTER.__defaults__ = (5,)  # what another thread could do right now
+
+    monkeypatch.setattr(dispatch.Universe, "prepare", prepare_then_change)
+    livepatch.apply(patch, model="hybrid", timeout=10)
+    monkeypatch.undo()
+    assert m.COUNTER.__code__.co_consts.count("v2") == 1  # the new code, installed
+    assert m.COUNTER.__defaults__ == (5,)
+    assert m.COUNTER() == ("v2", 5)
