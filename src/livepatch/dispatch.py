@@ -5,7 +5,10 @@ patch runs a *trampoline* instead of its own code. The trampoline asks which uni
 calling task is in and calls a clone of the old or the new version (a ``FunctionType``
 built on that version's code with the live function's globals and closure cells, so both
 share every variable). When the transition completes the engine installs the new code
-directly and the trampoline is gone: no steady-state cost.
+directly and the trampoline is gone: no steady-state cost. Clones, trampolines and their
+states are built before the transition starts (:meth:`Universe.prepare`, tens of µs per
+function); the transition itself only stores them, checks the tasks and finalizes, so the
+other threads wait on it as little as possible.
 
 The trampoline must have the same free variables as the function it sits in (CPython
 refuses a ``__code__`` whose free-variable count differs from the closure), so it is

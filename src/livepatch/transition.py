@@ -200,6 +200,9 @@ class Transition:
 
     @property
     def elapsed(self) -> float:
+        """Seconds from the start (before the first trampoline is stored, or the world is
+        first stopped) to the end, or until now. Planning and building the trampolines
+        come before the start."""
         end = self._t1 if self._t1 is not None else time.monotonic()
         return end - self._t0
 
@@ -670,6 +673,9 @@ def _end_dispatch(t: Transition, *, forced: bool = False) -> bool:
     with _engine_lock(), u.lock, pace.paced(when=len(u.entries) >= pace.BULK):
         if not forced and (not u.done() or _enclosing_holders(t, gens=True)):
             return False
+        # before finalize, though finalize stores the same code again: remove also puts
+        # back the defaults a generic trampoline replaced, which finalize leaves as they
+        # are for a nested function (its versions KEEP each instance's defaults)
         u.remove(u.goal)
         if u.goal == dispatch.NEW:
             try:
