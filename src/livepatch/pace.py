@@ -72,8 +72,13 @@ INTERVAL = 0.0002
 #: how long a hand-over sleeps (the kernel adds its timer slack, about 50 µs): long
 #: enough for a woken waiter to get a CPU and the GIL before the patching thread is back
 SLEEP = 50e-6
-#: how much CPU time a Yielder lets its thread use between two hand-overs, at least
-EVERY = 0.0005
+#: how much CPU time a Yielder lets its thread use between two hand-overs, at least.
+#: 0.5 ms until the transition itself got down to about that much CPU time; now 0.2 ms
+#: pauses a ticker less inside the transition: in paired runs of benchmarks/pair_pace.py
+#: (four, 30 to 40 cycles each) its longest gap per transition was shorter in 186 of 300
+#: paired windows (medians 0.61, 0.51, 0.73, 0.76 ms against 0.68, 0.68, 0.71, 0.81 ms);
+#: over the whole apply call, 162 of 300, within the noise
+EVERY = 0.0002
 #: ... and at most (the default switch interval: beyond it CPython hands over anyway)
 LONGEST = 0.005
 #: how much CPU time a Yielder lets pass between two looks at the clock, about: a
@@ -192,10 +197,11 @@ class Yielder:
     :data:`LONGEST`) before the next one. Checking 1,064 tasks under 64 request-like
     threads (bench_transition 1a, one run each), handing over every 0.5 ms regardless took
     a hybrid transition's median from 25 to 54 ms; with the wait-sized period it was
-    25 ms. The median, not the last wait: under 4 light threads, one long wait (the OS ran
-    something else meanwhile) let the next stretch run that long, and a ticker waited for
-    it. Traced with ``benchmarks/trace_pauses.py`` (two runs each of 10 apply/revert
-    cycles of a 100-function patch), the patching thread's unbroken runs of over 0.7 ms
+    25 ms (measured when :data:`EVERY` was 0.5 ms). The median, not the last wait: under
+    4 light threads, one long wait (the OS ran something else meanwhile) let the next
+    stretch run that long, and a ticker waited for it. Traced with
+    ``benchmarks/trace_pauses.py`` (two runs each of 10 apply/revert cycles of a
+    100-function patch), the patching thread's unbroken runs of over 0.7 ms
     inside the install loop, during a ticker's gaps, went from 9 and 20 (11 and 29 ms in
     all) to 3 and 2 (2.8 and 4.1 ms).
     """

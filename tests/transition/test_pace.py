@@ -113,7 +113,7 @@ def burn_cpu(seconds: float, step: Callable[[], None]) -> None:
 
 
 def test_loops_one_after_another_share_the_threads_clock(monkeypatch) -> None:
-    """Two loops of 0.3 ms of CPU each: neither alone reaches the 0.5 ms period, together
+    """Two loops of 0.6 periods of CPU each: neither alone reaches the period, together
     they do, so the second hands the GIL over (each used to start a clock of its own)."""
     handed: list[float] = []
     hand_over = pace.hand_over
@@ -127,9 +127,9 @@ def test_loops_one_after_another_share_the_threads_clock(monkeypatch) -> None:
 
     def fresh_thread() -> None:  # its own clock and period, as a transition worker has
         start = time.thread_time()
-        burn_cpu(0.3e-3, pace.Yielder())
+        burn_cpu(0.6 * pace.EVERY, pace.Yielder())
         seen["after first"] = list(handed)
-        burn_cpu(0.3e-3, pace.Yielder())  # a new loop, the same clock
+        burn_cpu(0.6 * pace.EVERY, pace.Yielder())  # a new loop, the same clock
         seen["after second"] = [t - start for t in handed]
 
     thread = threading.Thread(target=fresh_thread, name="lptest-loops", daemon=True)
