@@ -20,7 +20,7 @@ Variants (``livepatch.pace`` settings, changed between cycles):
   every-100us    a hand-over every 0.1 ms of CPU time at least, not 0.2 ms (planning
                  keeps its own 0.25 ms)
   every-300us    the same, every 0.3 ms
-  every-500us    the same, every 0.5 ms (what it was until commit 12b9c0e)
+  every-500us    the same, every 0.5 ms (what it was until commit 5b01c79)
   interval-100us ``paced()`` lowers the switch interval to 0.1 ms, not 0.2 ms
 
     .venv/bin/python benchmarks/pair_pace.py [--cycles 20] [--variants current,nap-300us]
