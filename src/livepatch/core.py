@@ -513,8 +513,8 @@ def _display_filename(patch: Patch, source: Source) -> str:
     showing the text the patch was loaded from."""
     display = f"{source.filename} [livepatch {patch.name}]"
     # every def of a patch file carries the whole file: write the entry once per patch,
-    # not once per function (a patch of n functions would copy n files)
-    # (and again if linecache.clearcache() dropped it)
+    # not once per function (a patch of n functions would copy n files), and again if
+    # linecache.clearcache() dropped it
     if source.lines and (_shown.get(display) != source.lines
                          or display not in linecache.cache):
         lines = list(source.lines)

@@ -337,8 +337,9 @@ class _Entry:
     tombstone: tuple[Any, ...]
     #: what the trampoline reads from `global_name`
     state: tuple[Any, ...] = ()
-    #: what install stores: (code, defaults, kwdefaults), made by prepare
-    dispatching: tuple[Any, ...] = ()
+    #: the defaults and kwdefaults the function carries with the trampoline in (made by
+    #: prepare, stored by install)
+    defaults_in: tuple[Any, Any] = (None, None)
     #: what remove stores, per side: (code, defaults, kwdefaults to copy)
     finals: tuple[tuple[Any, ...], ...] = ()
 
@@ -439,9 +440,10 @@ class Universe:
         This is the bulk of a transition's work per function (tens of µs each: two
         clones, a trampoline code object, the states), and it changes nothing that any
         other thread can see, so it runs before the transition starts — paced, like
-        planning — and the transition itself is only the stores. For 100 functions that
-        took the transition from about 4 ms of the patching thread's time to well under
-        one (``benchmarks/bench_transition.py`` section 2 shows what a ticker sees).
+        planning — and the transition itself is only the stores. For 100 functions and no
+        other thread that took the transition from 2.1 to 2.5 ms to 0.5 to 1 ms
+        (``benchmarks/bench_transition.py --sections 3``; section 2 shows what a ticker
+        sees).
         """
         _sweep_tombstones()
         pace = Yielder()
@@ -478,14 +480,14 @@ class Universe:
                         or func.__defaults__ is not entry.saved_defaults
                         or func.__kwdefaults__ is not entry.saved_kwdefaults):
                     entry = self._prepare(func, *entry.versions)  # changed meanwhile
-                code, d, kw = entry.dispatching
+                d, kw = entry.defaults_in
                 # The state lives in the builtins the function sees (``func.__builtins__``):
                 # a specialised LOAD_GLOBAL finds it in a few ns, and no module namespace
                 # changes.
                 entry.builtins[entry.global_name] = entry.state
                 # Three stores with no call or backward jump between them: no other thread
                 # can run in between (the GIL is only handed over at those points).
-                func.__code__ = code
+                func.__code__ = entry.trampoline
                 func.__defaults__ = d
                 func.__kwdefaults__ = kw
                 entries.append(entry)
@@ -526,7 +528,7 @@ class Universe:
             ({}, SWITCHED, _NEVER, func, _forward(func)),
         )
         entry.state = self._state(entry)
-        entry.dispatching = (trampoline, *entry.trampoline_defaults())
+        entry.defaults_in = entry.trampoline_defaults()
         entry.finals = tuple(
             (v.code,
              defaults if v.defaults is KEEP else v.defaults,
