@@ -26,10 +26,9 @@ import __future__
 import ast
 import copy
 import linecache
-from collections.abc import Collection
 from dataclasses import dataclass
 from types import CodeType, FunctionType, ModuleType
-from typing import Any
+from typing import Any, TypedDict
 
 from livepatch.errors import PatchError, UnsafeChange
 
@@ -194,16 +193,21 @@ def _compile(
     func.decorator_list = []
     func.body = list(node.body)
     line = func.lineno
+    at = _Position(lineno=line, col_offset=0, end_lineno=line, end_col_offset=0)
+    # every node made here gets the def's line as it is made (tracebacks stay on the patch
+    # file's lines): walking the tree afterwards to fill them in cost a fifth of planning
     if pad:
         # keep otherwise-unused free variables free: the symbol table sees this dead
         # reference even though the compiler emits no code for it
+        names: list[ast.expr] = [ast.Name(n, ast.Load(), **at) for n in pad]
         keep = ast.If(
-            test=ast.Constant(0),
-            body=[ast.Expr(ast.Tuple([ast.Name(n, ast.Load()) for n in pad], ast.Load()))],
+            test=ast.Constant(0, **at),
+            body=[ast.Expr(ast.Tuple(names, ast.Load(), **at), **at)],
             orelse=[],
+            **at,
         )
-        at = 1 if _has_docstring(func) else 0
-        func.body.insert(at, keep)
+        index = 1 if _has_docstring(func) else 0
+        func.body.insert(index, keep)
     inner: ast.stmt = func
     if ctx.class_name:
         inner = ast.ClassDef(
@@ -213,6 +217,7 @@ def _compile(
             body=[func],
             decorator_list=[],
             **_type_params(),
+            **at,
         )
     cells = [n for n in ctx.freevars if not (ctx.class_name and n == "__class__")]
     body: list[ast.stmt] = []
@@ -221,9 +226,11 @@ def _compile(
     # would see a closure variable instead of the module global it sees in the target.
     own = ctx.class_name or func.name
     if own not in ctx.freevars:
-        body.append(ast.Global(names=[own]))
+        body.append(ast.Global(names=[own], **at))
     body += [
-        ast.Assign(targets=[ast.Name(n, ast.Store())], value=ast.Constant(None)) for n in cells
+        ast.Assign(targets=[ast.Name(n, ast.Store(), **at)], value=ast.Constant(None, **at),
+                   **at)
+        for n in cells
     ]
     body.append(inner)
     outer = ast.FunctionDef(
@@ -236,19 +243,20 @@ def _compile(
         decorator_list=[],
         returns=None,
         **_type_params(),
+        **at,
     )
     top: list[ast.stmt] = []
     if ctx.imports:
         # dead imports: the symbol table marks the names as imported, no code runs
         top.append(
             ast.If(
-                test=ast.Constant(0),
-                body=[ast.Import(names=[ast.alias(name=n)]) for n in ctx.imports],
+                test=ast.Constant(0, **at),
+                body=[ast.Import(names=[ast.alias(name=n, **at)], **at) for n in ctx.imports],
                 orelse=[],
+                **at,
             )
         )
     module = ast.Module(body=[*top, outer], type_ignores=[])
-    _locate(module, line, skip=set(map(id, ast.iter_child_nodes(node))))
     try:
         try:
             compiled = compile(module, filename, "exec", flags=ctx.flags, dont_inherit=True)
@@ -269,6 +277,15 @@ def _compile(
     return _requalify(found, found.co_qualname, ctx.qualname)
 
 
+class _Position(TypedDict):
+    """Where a node is, as ``ast`` constructors take it."""
+
+    lineno: int
+    col_offset: int
+    end_lineno: int
+    end_col_offset: int
+
+
 def _type_params() -> dict[str, Any]:
     # 3.12 added type_params to FunctionDef/ClassDef; 3.13 warns when it is missing
     return {"type_params": []} if "type_params" in ast.FunctionDef._fields else {}
@@ -283,11 +300,8 @@ def _has_docstring(func: FunctionNode) -> bool:
     )
 
 
-def _locate(tree: ast.AST, line: int, skip: Collection[int] = ()) -> None:
-    """Give synthetic nodes the def's line so tracebacks stay on the patch file's lines.
-
-    Nodes whose id is in `skip` (the patch's own def, parsed with its lines) are not
-    entered: walking them cost more than compiling them."""
+def _locate(tree: ast.AST, line: int) -> None:
+    """Give every node of `tree` that has no line the def's (a tree built by a program)."""
     todo = [tree]
     while todo:
         node = todo.pop()
@@ -296,7 +310,7 @@ def _locate(tree: ast.AST, line: int, skip: Collection[int] = ()) -> None:
                                 ("end_col_offset", 0)):
                 if getattr(node, name, None) is None:
                     setattr(node, name, value)
-        todo.extend(n for n in ast.iter_child_nodes(node) if id(n) not in skip)
+        todo.extend(ast.iter_child_nodes(node))
 
 
 def _located(node: FunctionNode, line: int) -> FunctionNode:
