@@ -22,6 +22,7 @@ Variants (``livepatch.pace`` settings, changed between cycles):
   every-300us    the same, every 0.3 ms
   every-500us    the same, every 0.5 ms (what it was until commit 5b01c79)
   interval-100us ``paced()`` lowers the switch interval to 0.1 ms, not 0.2 ms
+  unpaced        ``paced()`` leaves the switch interval at CPython's 5 ms: only the naps
 
     .venv/bin/python benchmarks/pair_pace.py [--cycles 20] [--variants current,nap-300us]
 """
@@ -72,6 +73,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "every-300us": {"EVERY": 0.0003},
     "every-500us": {"EVERY": 0.0005},
     "interval-100us": {"INTERVAL": 0.0001},
+    "unpaced": {"INTERVAL": 0.005},
 }
 _settings: dict[str, Any] = {}
 
