@@ -1,0 +1,53 @@
+"""The benchmarks still run and print what README and docs quote from them.
+
+Their figures are not checked here (timings belong to benchmarks, not to tests); this
+only keeps the scripts from rotting: one short run each, as a user would start it, and
+the lines a reader looks for must be there with numbers in them.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MS = r"\d+\.\d+ ms"
+
+
+def run(script: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_bench_transition_pause_and_planning_sections() -> None:
+    out = run("bench_transition.py", "--cycles", "1", "--sections", "2,3",
+              "--models", "hybrid")
+    for label in ("no patching", "whole apply or revert", "inside transition",
+                  "inside, 1-function patch", "whole, 1-function patch"):
+        assert re.search(rf"^hybrid +{re.escape(label)} +longest gap +{MS[:-3]} / +{MS}",
+                         out, re.M), (label, out)
+    assert re.search(rf"planning a 100-function patch .*median {MS}", out), out
+    assert re.search(rf"its hybrid transition, no other thread: apply median {MS}", out), out
+
+
+def test_pair_pace_compares_variants_pairwise() -> None:
+    out = run("pair_pace.py", "--cycles", "2", "--variants", "current,every-500us")
+    assert re.search(rf"^current +whole call median +{MS}", out, re.M), out
+    assert re.search(rf"^every-500us +whole call median +{MS}", out, re.M), out
+    # two cycles, an apply and a revert each: four paired windows
+    assert re.search(r"every-500us paused less than current in \d of 4 paired windows", out), out
+
+
+def test_pair_pace_refuses_an_unknown_variant() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "pair_pace.py"), "--variants", "nope"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "unknown variant(s) nope" in result.stderr
