@@ -8,13 +8,18 @@ transition (pyperf, one worker process per figure, ratios printed side by side).
   under 150 ns added for ``trivial``, under 1.2x for ``work``).
 * ``trivial-generic`` is the same while the trampoline cannot forward the exact signature
   (the patch changes a default value), so it packs ``*args, **kwargs``.
+* Then the same "in transition" against "unpatched" comparisons timed in turns in one
+  process (see :func:`paired`): the figures the targets are read from, since pyperf's
+  worker processes differ from each other by more than the margins on this VM.
 
     .venv/bin/python benchmarks/bench_dispatch.py [pyperf options, e.g. --fast]
+    .venv/bin/python benchmarks/bench_dispatch.py --paired-only
 """
 
 from __future__ import annotations
 
 import importlib.util
+import statistics
 import sys
 import tempfile
 import textwrap
@@ -122,11 +127,48 @@ def timer(state: str, fn_name: str):  # type: ignore[no-untyped-def]
     return run
 
 
+def paired(fn_name: str, rounds: int = 300, calls: int = 5000) -> tuple[float, float]:
+    """The unpatched function and the same one in a transition, timed in turns in this
+    one process (order alternating): the median over the rounds of the time added per
+    call, and of the ratio. Each pyperf figure above comes from worker processes of its
+    own, and this VM's process-to-process spread (the same code finalized has read 0.87x
+    and 1.18x) is larger than the margins; pairing in one process cancels it."""
+    base, flight = getattr(setup("unpatched"), fn_name), getattr(setup("transition"), fn_name)
+    added, ratios = [], []
+    for r in range(rounds):
+        spent = {}
+        for fn in (base, flight) if r % 2 == 0 else (flight, base):
+            t0 = time.perf_counter()
+            for _ in range(calls // 10):
+                fn(1); fn(1); fn(1); fn(1); fn(1); fn(1); fn(1); fn(1); fn(1); fn(1)  # noqa: E702
+            spent[fn] = (time.perf_counter() - t0) / calls
+        added.append(spent[flight] - spent[base])
+        ratios.append(spent[flight] / spent[base])
+    return statistics.median(added), statistics.median(ratios)
+
+
+def print_paired(fn_names: tuple[str, ...]) -> None:
+    print("\nin transition against unpatched, timed in turns in one process "
+          "(median of 300 rounds of 5,000 calls each):")
+    for fn_name in fn_names:
+        added, ratio = paired(fn_name)
+        label = fn_name if fn_name != "generic" else "trivial-generic"
+        print(f"{label:<16} added {added * 1e9:>6.0f} ns   ratio {ratio:>5.2f}")
+
+
+FUNCTIONS = ("trivial", "work", "generic")
+
+
 def main() -> None:
+    if "--paired-only" in sys.argv:  # skip pyperf's workers: the in-process pairs alone
+        print_paired(FUNCTIONS)
+        return
     runner = pyperf.Runner()
+    runner.argparser.add_argument("--paired-only", action="store_true",
+                                  help="only the in-process paired comparison")
     runner.metadata["description"] = "livepatch: per-call cost of patched functions"
     rows = []
-    for fn_name in ("trivial", "work", "generic"):
+    for fn_name in FUNCTIONS:
         row = {}
         for state in ("unpatched", "finalized", "transition"):
             bench = runner.bench_time_func(f"{fn_name}-{state}", timer(state, fn_name))
@@ -143,6 +185,7 @@ def main() -> None:
             print(f"{label:<16} {base * 1e9:>5.0f} ns {final * 1e9:>8.0f} ns "
                   f"{final / base:>7.2f} {flight * 1e9:>11.0f} ns "
                   f"{(flight - base) * 1e9:>6.0f} ns {flight / base:>7.2f}")
+        print_paired(FUNCTIONS)
 
 
 if __name__ == "__main__":

@@ -51,3 +51,9 @@ def test_pair_pace_refuses_an_unknown_variant() -> None:
     )
     assert result.returncode == 2
     assert "unknown variant(s) nope" in result.stderr
+
+
+def test_bench_dispatch_pairs_in_one_process() -> None:
+    out = run("bench_dispatch.py", "--paired-only")
+    for label in ("trivial", "work", "trivial-generic"):
+        assert re.search(rf"^{label} +added +-?\d+ ns +ratio +\d+\.\d\d$", out, re.M), (label, out)
