@@ -63,10 +63,11 @@ class Context:
         )
 
 
-_imports_cache: dict[tuple[str, int], tuple[str, ...]] = {}
-#: file name → (the line list linecache gave, its imports): skips joining and hashing
-#: the module's text again while linecache holds the same list
-_imports_by_lines: dict[str, tuple[list[str], tuple[str, ...]]] = {}
+#: file name → (the line list linecache gave, the hash of its text, its imports). Every
+#: function of a module asks: while linecache holds the same list nothing is joined,
+#: hashed or parsed again, and a list read again with the same text is not parsed again.
+#: Holding the list keeps its identity from being reused by another text.
+_imports: dict[str, tuple[list[str], int, tuple[str, ...]]] = {}
 
 
 def module_future_flags(module: ModuleType) -> int:
@@ -98,25 +99,25 @@ def module_imports(module: ModuleType) -> tuple[str, ...]:
     """Names bound by ``import`` statements at the top level of `module`'s source."""
     filename = getattr(module, "__file__", None)
     lines = linecache.getlines(filename, module.__dict__) if filename else []
-    if not lines:
+    if not filename or not lines:
         # no source: names bound to modules are the imports we can still see
         return tuple(sorted(k for k, v in vars(module).items() if isinstance(v, ModuleType)))
-    seen = _imports_by_lines.get(filename or "")
+    seen = _imports.get(filename)
     if seen is not None and seen[0] is lines:
-        return seen[1]  # the same cached text: every function of a module asks
+        return seen[2]
     text = "".join(lines)
-    key = (filename or "", hash(text))
-    found = _imports_cache.get(key)
-    if found is None:
+    digest = hash(text)
+    if seen is not None and seen[1] == digest:
+        found = seen[2]
+    else:
         try:
             tree = ast.parse(text)
         except SyntaxError:
             return ()
         names: set[str] = set()
         _collect_imports(tree.body, names)
-        found = _imports_cache[key] = tuple(sorted(names))
-    # holding the list keeps its identity from being reused by another text
-    _imports_by_lines[filename or ""] = (lines, found)
+        found = tuple(sorted(names))
+    _imports[filename] = (lines, digest, found)
     return found
 
 
