@@ -26,6 +26,7 @@ import __future__
 import ast
 import copy
 import linecache
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import CodeType, FunctionType, ModuleType
 from typing import Any, TypedDict
@@ -63,11 +64,11 @@ class Context:
         )
 
 
-#: file name → (the line list linecache gave, the hash of its text, its imports). Every
-#: function of a module asks: while linecache holds the same list nothing is joined,
-#: hashed or parsed again, and a list read again with the same text is not parsed again.
-#: Holding the list keeps its identity from being reused by another text.
-_imports: dict[str, tuple[list[str], int, tuple[str, ...]]] = {}
+#: file name → (the lines linecache gave, or a patch captured; the hash of their text;
+#: its imports). Every function of a module or a patch asks: while the same list is
+#: asked about nothing is joined, hashed or parsed again, and a list read again with the
+#: same text is not parsed again. Holding the list keeps its identity from being reused.
+_imports: dict[str, tuple[Sequence[str], int, tuple[str, ...]]] = {}
 
 
 def module_future_flags(module: ModuleType) -> int:
@@ -102,6 +103,11 @@ def module_imports(module: ModuleType) -> tuple[str, ...]:
     if not filename or not lines:
         # no source: names bound to modules are the imports we can still see
         return tuple(sorted(k for k, v in vars(module).items() if isinstance(v, ModuleType)))
+    return imports_in(filename, lines)
+
+
+def imports_in(filename: str, lines: Sequence[str]) -> tuple[str, ...]:
+    """Names bound by ``import`` statements at the top level of the text `lines`."""
     seen = _imports.get(filename)
     if seen is not None and seen[0] is lines:
         return seen[2]
@@ -182,6 +188,49 @@ def _free_variable_message(ctx: Context, extra: list[str]) -> str:
 def compile_plain(node: FunctionNode, ctx: Context, filename: str) -> CodeType:
     """Compile a ``def`` node in `ctx` as written (no free-variable padding): for expect=."""
     return _compile(node, ctx, filename, pad=())
+
+
+def compiled_already(
+    code: CodeType, ctx: Context, source_imports: tuple[str, ...], filename: str
+) -> CodeType | None:
+    """The replacement's own code, made ready to install, when compiling its source in
+    `ctx` would give the same code; else None (then :func:`compile_function` it).
+
+    Compiling is two thirds of planning a patch (``benchmarks/bench_transition.py``
+    section 3), and most replacements need none of the context: a function at the top
+    level of its file, replacing one at the top level of the target's (no free
+    variables, no class to mangle names for), with the same ``__future__`` flags. What
+    is left to match is how the compiler treats a name that the file's top level
+    imports (``mod.attr()`` becomes a plain attribute load): every name the code uses
+    must be imported in both files or in neither. Then the code differs from the
+    compiled one only where CPython itself makes it differ: its first line is the
+    decorator's (``@patch.function``), as for any decorated def, not the ``def``'s.
+    ``tests/core/test_codegen.py`` compares the two for a range of functions.
+    """
+    if ctx.class_name or ctx.freevars or code.co_freevars or code.co_qualname != code.co_name:
+        return None
+    if code.co_flags & _FUTURE_MASK != ctx.flags:
+        return None
+    if ctx.imports or source_imports:
+        theirs, ours = set(ctx.imports), set(source_imports)
+        if any((n in theirs) != (n in ours) for n in _names(code)):
+            return None
+    return _rehome(code, code.co_qualname, ctx.qualname, filename).replace(
+        co_flags=code.co_flags | _CO_NESTED
+    )
+
+
+#: compiled in the synthetic context, the def is nested in a function; the flag says so
+_CO_NESTED = 0x10
+
+
+def _names(code: CodeType) -> set[str]:
+    """Every name `code` and the code nested in it use, in whatever scope."""
+    names = {*code.co_names, *code.co_varnames, *code.co_cellvars, *code.co_freevars}
+    for const in code.co_consts:
+        if isinstance(const, CodeType):
+            names |= _names(const)
+    return names
 
 
 def _compile(
@@ -340,13 +389,21 @@ def _find_code(code: CodeType, name: str, context: str) -> CodeType | None:
 
 def _requalify(code: CodeType, old: str, new: str) -> CodeType:
     """Rename ``old``-prefixed qualnames (this code and nested ones) to ``new``."""
+    return _rehome(code, old, new, None)
+
+
+def _rehome(code: CodeType, old: str, new: str, filename: str | None) -> CodeType:
+    """:func:`_requalify`, and give this code and nested ones `filename` if one is given."""
     consts = tuple(
-        _requalify(c, old, new) if isinstance(c, CodeType) else c for c in code.co_consts
+        _rehome(c, old, new, filename) if isinstance(c, CodeType) else c
+        for c in code.co_consts
     )
     qualname = code.co_qualname
     if qualname == old or qualname.startswith(old + "."):
         qualname = new + qualname[len(old) :]
-    return code.replace(co_qualname=qualname, co_consts=consts)
+    if filename is None:
+        return code.replace(co_qualname=qualname, co_consts=consts)
+    return code.replace(co_qualname=qualname, co_consts=consts, co_filename=filename)
 
 
 # -- finding source -------------------------------------------------------------------

@@ -314,7 +314,8 @@ def _check_globals(patch: Patch, the_plan: Plan) -> None:
     for index, prepared in enumerate(the_plan.prepared):
         module = prepared.module
         added = {a.name for a in the_plan.added if a.holder is module}
-        for name in sorted(_global_names(prepared.version.code)):
+        uses = _global_names(prepared.version.code)
+        for name in sorted(uses):
             owner = going.get((id(module), name))
             if owner is not None:
                 raise UnsafeChange(
@@ -323,7 +324,7 @@ def _check_globals(patch: Patch, the_plan: Plan) -> None:
                     f"with patch.new('{module.__name__}:{name}')"
                 )
         missing = sorted(
-            n for n in _global_names(prepared.version.code)
+            n for n in uses
             if n not in module.__dict__ and n not in added and not hasattr(builtins, n)
         )
         if not missing:
@@ -401,11 +402,18 @@ def _prepare(patch: Patch, spec: FunctionSpec) -> tuple[_Prepared, PlannedChange
         code = spec.replacement.__code__.replace(co_qualname=target.qualname)
     else:
         _refuse_extra_decorators(spec, node)
-        code = codegen.compile_function(node, ctx, filename)
+        code = codegen.compiled_already(
+            spec.replacement.__code__,
+            ctx,
+            codegen.imports_in(spec.source.filename, spec.source.lines),
+            filename,
+        ) or codegen.compile_function(node, ctx, filename)
 
     if original.co_flags & _CO_ITERABLE_COROUTINE:
         code = code.replace(co_flags=code.co_flags | _CO_ITERABLE_COROUTINE)
-    hidden = sorted(_global_names(code) & target.enclosing_locals)
+    hidden = []
+    if target.enclosing_locals:
+        hidden = sorted(_global_names(code) & target.enclosing_locals)
     if hidden:
         raise UnsafeChange(
             f"{spec.target}: the new code uses {', '.join(hidden)}, a local of the enclosing "

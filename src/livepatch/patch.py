@@ -56,8 +56,17 @@ class Source:
     @classmethod
     def of(cls, fn: types.FunctionType) -> Source:
         filename = fn.__code__.co_filename
-        lines = tuple(linecache.getlines(filename, fn.__globals__))
-        return cls(source_node(fn), lines, filename)
+        lines = linecache.getlines(filename, fn.__globals__)
+        # the defs of one file share one copy of its text: planning asks about the text
+        # once per def, and an object it has seen before answers at once
+        captured = _captured.get(filename)
+        if captured is None or captured[0] is not lines:
+            captured = _captured[filename] = (lines, tuple(lines))
+        return cls(source_node(fn), captured[1], filename)
+
+
+#: file name → the line list linecache last gave for it, and the copy Sources share
+_captured: dict[str, tuple[list[str], tuple[str, ...]]] = {}
 
 
 @dataclass

@@ -112,3 +112,119 @@ def test_global_names_read_from_bytecode_agree_with_dis(source: object) -> None:
     assert found == _names_by_dis(code)
     if source is MANY:
         assert {"g399", "m299", "s0"} <= found
+
+
+# -- a replacement's own code, when it needs no context --------------------------------
+
+PATCH_FILE = '''
+import os
+import json as j
+
+def deco(f):
+    return f
+
+@deco
+def plain(x):
+    """Doc."""
+    return x + 1
+
+@deco
+def busy(x, *args, k=3, **kw):
+    y = [i for i in range(x) if os.path.exists(str(i))]
+    g = lambda z: z + x
+    try:
+        return j.dumps(y), g(1), {n: n for n in args}, os.getpid()
+    except Exception as exc:
+        raise ValueError("no") from exc
+    finally:
+        del y
+
+@deco
+def shadows(os):
+    return os.path, j.loads("1")
+
+@deco
+def generator(n):
+    total = yield from range(n)
+    def inner(a):
+        return a * n
+    return inner(total)
+
+@deco
+async def coroutine(xs):
+    async with xs as x:
+        return [y async for y in x], (z := 1), f"{z!r:>4}"
+
+@deco
+def matches(v):
+    match v:
+        case {"k": [a, *rest]} if a:
+            return rest
+        case _:
+            return None
+'''
+
+
+def patch_file() -> tuple[dict[str, types.FunctionType], dict[str, codegen.FunctionNode]]:
+    """Each def of PATCH_FILE as the patch file's own code made it, and its tree."""
+    namespace: dict[str, object] = {}
+    exec(compile(PATCH_FILE, "patch.py", "exec", dont_inherit=True), namespace)
+    nodes = {n.name: n for n in ast.parse(PATCH_FILE).body if isinstance(n, codegen.FunctionNode)}
+    functions = {k: v for k, v in namespace.items() if isinstance(v, types.FunctionType)}
+    return functions, nodes
+
+
+def same_but_first_line(fast: types.CodeType, compiled: types.CodeType) -> bool:
+    """Equal but for the first line: the decorator's, not the def's, as CPython gives a
+    decorated def. The prologue a frame starts with (making cells, starting a generator)
+    sits on that line, so its instructions' positions differ the same way."""
+    moved = fast.replace(co_firstlineno=compiled.co_firstlineno,
+                         co_linetable=compiled.co_linetable)
+
+    def at(code: types.CodeType) -> list[object]:
+        first = code.co_firstlineno
+        return ["first" if p[0] == first else p for p in code.co_positions()]
+
+    return moved == compiled and at(fast) == at(compiled)
+
+
+@pytest.mark.parametrize("name", ["plain", "busy", "shadows", "generator", "coroutine",
+                                  "matches"])
+def test_a_top_level_replacement_uses_its_own_code_as_compiling_would_make_it(
+    name: str,
+) -> None:
+    functions, nodes = patch_file()
+    ours = codegen.imports_in("patch.py", PATCH_FILE.splitlines(keepends=True))
+    assert ours == ("j", "os")
+    ctx = codegen.Context(f"Target_{name}", (), None, 0, imports=("j", "os", "sys"))
+    fast = codegen.compiled_already(functions[name].__code__, ctx, ours, "shown.py")
+    compiled = codegen.compile_function(nodes[name], ctx, "shown.py")
+    assert fast is not None
+    assert same_but_first_line(fast, compiled)
+    assert fast.co_firstlineno == compiled.co_firstlineno - 1  # the decorator's line
+    assert fast.co_qualname == compiled.co_qualname == f"Target_{name}"
+    nested = [c for c in fast.co_consts if isinstance(c, types.CodeType)]
+    assert all(c.co_filename == "shown.py" for c in [fast, *nested])
+
+
+@pytest.mark.parametrize(
+    "ctx",
+    [
+        codegen.Context("f", ("cell",), None, 0, ("j", "os")),
+        codegen.Context("Cart.f", (), "Cart", 0, ("j", "os")),
+        codegen.Context("f", (), None, codegen._FUTURE_MASK & 0x1000000, ("j", "os")),
+        codegen.Context("f", (), None, 0, ("j",)),  # os: imported by the patch file only
+    ],
+    ids=["free variable", "method", "future annotations", "another import"],
+)
+def test_a_replacement_that_needs_its_context_is_compiled(ctx: codegen.Context) -> None:
+    functions, nodes = patch_file()
+    code = functions["busy"].__code__
+    assert codegen.compiled_already(code, ctx, ("j", "os"), "shown.py") is None
+    if ctx.imports == ("j",):
+        # the reason the imports must agree: the compiler treats `os.path` differently
+        # when the file's top level imports `os`
+        compiled = codegen.compile_function(nodes["busy"], ctx, "shown.py")
+        assert not same_but_first_line(code.replace(co_flags=compiled.co_flags,
+                                                    co_filename="shown.py",
+                                                    co_qualname="f"), compiled)
