@@ -10,12 +10,16 @@ replaces in three ways that matter to CPython:
 * *private-name mangling* — ``self.__x`` inside ``class Cart`` means ``self._Cart__x``;
 * *future flags* — ``from __future__ import annotations`` in the target module.
 
-So every replacement is recompiled from its source inside a synthetic context that
+So a replacement is recompiled from its source inside a synthetic context that
 reproduces those three things — an enclosing function defining the target's free variable
 names and, for methods, a class of the target's class name — and the code object of the
 function is taken from the compiled constants (nothing is executed). When the new body no
 longer uses a free variable the old one had, a dead ``if 0: (name,)`` keeps the name free,
 so the cell layout still matches.
+
+A replacement that needs none of that (a top-level function replacing a top-level
+function, no free variables, the same future flags and imports) compiles in the context
+to its own code, so :func:`compiled_already` hands that code over without compiling.
 
 The same context compiles ``expect=`` source for fingerprint checks.
 """
