@@ -107,10 +107,10 @@ class Slot:
     #: from the same source, so identity is the only safe key.
     seen: dict[int, CodeType] = field(default_factory=dict)
     #: enclosing code objects that rewrite_outers replaced, held weakly: a frame still
-    #: running one keeps it alive (and keeps making closures from its constant)
-    replaced_outers: weakref.WeakValueDictionary[int, CodeType] = field(
-        default_factory=weakref.WeakValueDictionary
-    )
+    #: running one keeps it alive (and keeps making closures from its constant). Made
+    #: on first use: only nested targets have outers, and a weak dictionary is five
+    #: objects for the garbage collector to track, per slot of every plan
+    replaced_outers: weakref.WeakValueDictionary[int, CodeType] | None = None
 
     def __post_init__(self) -> None:
         if self.ident is None:
@@ -217,6 +217,8 @@ class Slot:
             before = outer.__code__
             outer.__code__ = replace_named(before, self.qualname, code)
             if outer.__code__ is not before:
+                if self.replaced_outers is None:
+                    self.replaced_outers = weakref.WeakValueDictionary()
                 self.replaced_outers[id(before)] = before
 
     def enclosing_sides(
@@ -232,7 +234,8 @@ class Slot:
         if not self.nested:
             return (), ()
         codes = [outer.__code__ for outer in self.outers]
-        codes += self.replaced_outers.values()
+        if self.replaced_outers is not None:
+            codes += self.replaced_outers.values()
         for outer in self.outers[: self.fixed_outers]:
             outer_slot = _slots.get(("func", id(outer)))
             codes += outer_slot.seen.values() if outer_slot else ()
