@@ -74,6 +74,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "every-500us": {"EVERY": 0.0005},
     "interval-100us": {"INTERVAL": 0.0001},
     "unpaced": {"INTERVAL": 0.005},
+    # the period does not grow with the waits (a Yielder's `share` of 0)
+    "fixed-200us": {"share": 0.0},
+    "fixed-100us": {"EVERY": 0.0001, "share": 0.0},
 }
 _settings: dict[str, Any] = {}
 
@@ -85,8 +88,9 @@ def variant(name: str) -> Iterator[None]:
     for key, value in {**_shipped, **_settings}.items():
         if key.isupper():
             setattr(pace, key, value)
-    # a Yielder's period floor is its constructor's default, bound at definition
-    pace.Yielder.__init__.__defaults__ = (pace.EVERY, 1.0)
+    # a Yielder's period floor and share are its constructor's defaults, bound at
+    # definition
+    pace.Yielder.__init__.__defaults__ = (pace.EVERY, _settings.get("share", 1.0))
     try:
         yield
     finally:
