@@ -30,6 +30,7 @@ import __future__
 import ast
 import copy
 import linecache
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import CodeType, FunctionType, ModuleType
@@ -202,16 +203,19 @@ def compiled_already(
 
     Compiling is two thirds of planning a patch (``benchmarks/bench_transition.py``
     section 3), and most replacements need none of the context: a function at the top
-    level of its file, replacing one at the top level of the target's (no free
-    variables, no class to mangle names for), with the same ``__future__`` flags. What
-    is left to match is how the compiler treats a name that the file's top level
-    imports (``mod.attr()`` becomes a plain attribute load): every name the code uses
-    must be imported in both files or in neither. Then the code differs from the
-    compiled one only where CPython itself makes it differ: its first line is the
-    decorator's (``@patch.function``), as for any decorated def, not the ``def``'s.
-    ``tests/core/test_codegen.py`` compares the two for a range of functions.
+    level of its file, replacing a function with no free variables, with the same
+    ``__future__`` flags — and for a method, using nothing a class changes (see
+    :func:`_needs_its_class`). What is left to match is how the compiler treats a name
+    that the file's top level imports (``mod.attr()`` becomes a plain attribute load):
+    every name the code uses must be imported in both files or in neither. Then the
+    code differs from the compiled one only where CPython itself makes it differ: its
+    first line is the decorator's (``@patch.function``), as for any decorated def, not
+    the ``def``'s. ``tests/core/test_codegen.py`` compares the two for a range of
+    functions and methods.
     """
-    if ctx.class_name or ctx.freevars or code.co_freevars or code.co_qualname != code.co_name:
+    if ctx.freevars or code.co_freevars or code.co_qualname != code.co_name:
+        return None
+    if ctx.class_name and _needs_its_class(code):
         return None
     if code.co_flags & _FUTURE_MASK != ctx.flags:
         return None
@@ -440,10 +444,8 @@ def source_node(func: FunctionType) -> FunctionNode | None:
 
 def parse_def(source: str, what: str) -> FunctionNode:
     """Parse source text holding exactly one (possibly decorated, indented) ``def``."""
-    import textwrap
-
     try:
-        tree = ast.parse(textwrap.dedent(source).strip("\n") + "\n", f"<{what}>")
+        tree = ast.parse(_def_text(source), f"<{what}>")
     except SyntaxError as exc:
         raise PatchError(
             f"{what}: expected source does not parse ({exc.msg}); fix expect="
@@ -452,3 +454,67 @@ def parse_def(source: str, what: str) -> FunctionNode:
     if len(defs) != 1 or len(tree.body) != 1:
         raise PatchError(f"{what}: expect= must hold the source of exactly one def")
     return defs[0]
+
+
+def _def_text(source: str) -> str:
+    return textwrap.dedent(source).strip("\n") + "\n"
+
+
+def compile_expected(source: str, node: FunctionNode, ctx: Context, filename: str) -> CodeType:
+    """Compile ``expect=`` source (`node` is what :func:`parse_def` made of it) in `ctx`,
+    to compare with the live code: its line numbers and names may differ from it.
+
+    Compiling the text is several times faster than compiling the tree (the tree is
+    converted back to the compiler's own form first), and the builder writes ``expect=``
+    for every function, so for most targets the text is compiled at the top level of a
+    module that imports what the target's module imports. That gives the code the
+    synthetic context would, for comparing (``CO_NESTED`` aside, which fingerprints
+    ignore), unless the target has free variables, or is a method whose code uses what a
+    class changes: a private name to mangle, or ``super`` / ``__class__``. Those, and a
+    def the top level does not compile to one plain code object, go through
+    :func:`compile_plain`. ``tests/test_fingerprint_stdlib.py`` checks it against the live
+    code of every function of sixteen stdlib modules.
+    """
+    if not ctx.freevars:
+        code = _compile_top_level(_def_text(source), node.name, ctx, filename)
+        if code is not None and not (ctx.class_name and _needs_its_class(code)):
+            return code
+    return compile_plain(node, ctx, filename)
+
+
+def _compile_top_level(text: str, name: str, ctx: Context, filename: str) -> CodeType | None:
+    # dead imports, as in _compile: the symbol table marks the names as imported
+    prelude = f"if 0: import {', '.join(ctx.imports)}\n" if ctx.imports else ""
+    try:
+        module = compile(prelude + text, filename, "exec", flags=ctx.flags, dont_inherit=True)
+    except (SyntaxError, ValueError):
+        return None  # compile_plain says what is wrong, on the patch's own lines
+    for const in module.co_consts:
+        # CO_OPTIMIZED: a function (a generic one sits one level down, and goes the slow way)
+        if isinstance(const, CodeType) and const.co_name == name and const.co_flags & 0x1:
+            return const
+    return None
+
+
+def _needs_its_class(code: CodeType) -> bool:
+    """Whether compiling `code` inside a class would change it: a private name the class
+    mangles (``__x``, in any name or string constant, keyword names included), or
+    ``super()`` and ``__class__``, which get a ``__class__`` cell there."""
+    texts = set(_names(code)) | _strings(code)
+    return bool(texts & {"super", "__class__"}) or any(
+        t.startswith("__") and not t.endswith("__") for t in texts
+    )
+
+
+def _strings(code: CodeType) -> set[str]:
+    found: set[str] = set()
+    todo: list[Any] = list(code.co_consts)
+    while todo:
+        const = todo.pop()
+        if isinstance(const, str):
+            found.add(const)
+        elif isinstance(const, (tuple, frozenset)):
+            todo.extend(const)
+        elif isinstance(const, CodeType):
+            todo.extend(const.co_consts)
+    return found

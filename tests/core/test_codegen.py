@@ -16,7 +16,7 @@ import typing
 import pytest
 
 from livepatch import codegen
-from livepatch.errors import PatchError
+from livepatch.errors import PatchError, UnsafeChange
 
 core = importlib.import_module("livepatch.core")
 
@@ -156,6 +156,14 @@ async def coroutine(xs):
         return [y async for y in x], (z := 1), f"{z!r:>4}"
 
 @deco
+def private(self):
+    return self.__secret, dict(__key=1)
+
+@deco
+def calls_super(self):
+    return super().calls_super()
+
+@deco
 def matches(v):
     match v:
         case {"k": [a, *rest]} if a:
@@ -188,43 +196,54 @@ def same_but_first_line(fast: types.CodeType, compiled: types.CodeType) -> bool:
     return moved == compiled and at(fast) == at(compiled)
 
 
+@pytest.mark.parametrize("method", [False, True], ids=["function", "method"])
 @pytest.mark.parametrize("name", ["plain", "busy", "shadows", "generator", "coroutine",
                                   "matches"])
 def test_a_top_level_replacement_uses_its_own_code_as_compiling_would_make_it(
-    name: str,
+    name: str, method: bool
 ) -> None:
     functions, nodes = patch_file()
     ours = codegen.imports_in("patch.py", PATCH_FILE.splitlines(keepends=True))
     assert ours == ("j", "os")
-    ctx = codegen.Context(f"Target_{name}", (), None, 0, imports=("j", "os", "sys"))
+    owner = "Cart" if method else None
+    qualname = f"Cart.Target_{name}" if method else f"Target_{name}"
+    ctx = codegen.Context(qualname, (), owner, 0, imports=("j", "os", "sys"))
     fast = codegen.compiled_already(functions[name].__code__, ctx, ours, "shown.py")
     compiled = codegen.compile_function(nodes[name], ctx, "shown.py")
     assert fast is not None
     assert same_but_first_line(fast, compiled)
     assert fast.co_firstlineno == compiled.co_firstlineno - 1  # the decorator's line
-    assert fast.co_qualname == compiled.co_qualname == f"Target_{name}"
+    assert fast.co_qualname == compiled.co_qualname == qualname
     nested = [c for c in fast.co_consts if isinstance(c, types.CodeType)]
     assert all(c.co_filename == "shown.py" for c in [fast, *nested])
 
 
 @pytest.mark.parametrize(
-    "ctx",
+    ("name", "ctx"),
     [
-        codegen.Context("f", ("cell",), None, 0, ("j", "os")),
-        codegen.Context("Cart.f", (), "Cart", 0, ("j", "os")),
-        codegen.Context("f", (), None, codegen._FUTURE_MASK & 0x1000000, ("j", "os")),
-        codegen.Context("f", (), None, 0, ("j",)),  # os: imported by the patch file only
+        ("busy", codegen.Context("f", ("cell",), None, 0, ("j", "os"))),
+        ("private", codegen.Context("Cart.f", (), "Cart", 0, ("j", "os"))),
+        ("calls_super", codegen.Context("Cart.f", (), "Cart", 0, ("j", "os"))),
+        ("busy", codegen.Context("f", (), None, codegen._FUTURE_MASK & 0x1000000, ("j", "os"))),
+        ("busy", codegen.Context("f", (), None, 0, ("j",))),  # os: the patch file's only
     ],
-    ids=["free variable", "method", "future annotations", "another import"],
+    ids=["free variable", "private name in a method", "super in a method",
+         "future annotations", "another import"],
 )
-def test_a_replacement_that_needs_its_context_is_compiled(ctx: codegen.Context) -> None:
+def test_a_replacement_that_needs_its_context_is_compiled(
+    name: str, ctx: codegen.Context
+) -> None:
     functions, nodes = patch_file()
-    code = functions["busy"].__code__
+    code = functions[name].__code__
     assert codegen.compiled_already(code, ctx, ("j", "os"), "shown.py") is None
-    if ctx.imports == ("j",):
-        # the reason the imports must agree: the compiler treats `os.path` differently
-        # when the file's top level imports `os`
-        compiled = codegen.compile_function(nodes["busy"], ctx, "shown.py")
+    if ctx.imports == ("j",) or ctx.class_name:
+        # why: the compiler treats `os.path` differently when the file's top level
+        # imports `os`, and mangles `__secret` in a class (`super()` needs a cell there)
+        try:
+            compiled = codegen.compile_function(nodes[name], ctx, "shown.py")
+        except UnsafeChange:
+            assert name == "calls_super"  # the live method has no __class__ cell
+            return
         assert not same_but_first_line(code.replace(co_flags=compiled.co_flags,
                                                     co_filename="shown.py",
-                                                    co_qualname="f"), compiled)
+                                                    co_qualname=ctx.qualname), compiled)
