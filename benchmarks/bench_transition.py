@@ -23,8 +23,10 @@
    the GIL, and who held it meanwhile.
 
 3. How long the engine plans (compiles and verifies) that 100-function patch, alone, and
-   how long its hybrid transitions take with no other thread (the CPU work a transition
-   does, which the ticker of section 2 waits behind).
+   the same patch written as ``livepatch build`` writes one (each function's old source
+   as ``expect=``, which planning compiles and compares with the live code); and how long
+   its hybrid transitions take with no other thread (the CPU work a transition does,
+   which the ticker of section 2 waits behind).
 4. How long the heap scan takes that a patch replacing a generator or coroutine function
    does at the start of its transition (``gc.get_referrers``, one C call during which no
    other thread runs), per million objects the garbage collector tracks.
@@ -183,10 +185,16 @@ def transition_times(model: str, cycles: int, threads: int, tasks: int, cpu: boo
 WIDE = "\n".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(100))
 
 
-def wide_patch(module: Any, name: str, functions: int = 100) -> livepatch.Patch:
-    """A patch of the first `functions` functions of WIDE."""
+def wide_patch(
+    module: Any, name: str, functions: int = 100, expect: bool = False
+) -> livepatch.Patch:
+    """A patch of the first `functions` functions of WIDE (with `expect`: each gives its
+    old source as expect=, as ``livepatch build`` writes it)."""
+    def verified(i: int) -> str:
+        return f', expect="def f{i}(x):\\n    return x + {i}\\n"' if expect else ""
+
     body = "".join(
-        f'\n@patch.function("M:f{i}")\ndef f{i}(x):\n    return x - {i}\n'
+        f'\n@patch.function("M:f{i}"{verified(i)})\ndef f{i}(x):\n    return x - {i}\n'
         for i in range(functions)
     )
     return patch_for(module, "import livepatch\npatch = livepatch.Patch(NAME)\n" + body, name)
@@ -430,6 +438,16 @@ def section_3(cycles: int) -> None:
     print("\n3. planning a 100-function patch (livepatch.plan), no other thread: "
           f"median {statistics.median(times) * 1e3:.1f} ms, min {min(times) * 1e3:.1f} ms "
           f"over {cycles}")
+    # as `livepatch build` writes a patch: each function's old source as expect=
+    verified = wide_patch(module, "wide-plan-expect", expect=True)
+    times = []
+    for _ in range(cycles):
+        start = time.perf_counter()
+        livepatch.plan(verified)
+        times.append(time.perf_counter() - start)
+    print("   the same with each function's old source as expect= (as livepatch build "
+          f"writes it): median {statistics.median(times) * 1e3:.1f} ms, "
+          f"min {min(times) * 1e3:.1f} ms")
     # the transition proper: from the first trampoline stored to the new code installed
     # (its trampolines are built before it starts, like the plan)
     spans: dict[str, list[float]] = {"apply": [], "revert": []}

@@ -33,6 +33,7 @@ def test_bench_transition_pause_and_planning_sections() -> None:
         assert re.search(rf"^hybrid +{re.escape(label)} +longest gap +{MS[:-3]} / +{MS}",
                          out, re.M), (label, out)
     assert re.search(rf"planning a 100-function patch .*median {MS}", out), out
+    assert re.search(rf"old source as expect= .*median {MS}", out), out
     assert re.search(rf"its hybrid transition, no other thread: apply median {MS}", out), out
 
 
