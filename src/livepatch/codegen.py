@@ -242,6 +242,32 @@ def _names(code: CodeType) -> set[str]:
     return names
 
 
+def _needs_its_class(code: CodeType) -> bool:
+    """Whether compiling `code` inside a class would change it: a private name the class
+    mangles (``__x``, in any name or string constant, keyword names included), or
+    ``super()`` and ``__class__``, which get a ``__class__`` cell there."""
+    texts = set(_names(code)) | _strings(code)
+    return bool(texts & {"super", "__class__"}) or any(
+        t.startswith("__") and not t.endswith("__") for t in texts
+    )
+
+
+def _strings(code: CodeType) -> set[str]:
+    """Every string constant of `code` and the code nested in it (the keyword names of a
+    call are a constant tuple)."""
+    found: set[str] = set()
+    todo: list[Any] = list(code.co_consts)
+    while todo:
+        const = todo.pop()
+        if isinstance(const, str):
+            found.add(const)
+        elif isinstance(const, (tuple, frozenset)):
+            todo.extend(const)
+        elif isinstance(const, CodeType):
+            todo.extend(const.co_consts)
+    return found
+
+
 def _compile(
     node: FunctionNode, ctx: Context, filename: str, pad: tuple[str, ...], located: bool = False
 ) -> CodeType:
@@ -459,27 +485,3 @@ def parse_def(source: str, what: str) -> FunctionNode:
 
 def _def_text(source: str) -> str:
     return textwrap.dedent(source).strip("\n") + "\n"
-
-
-def _needs_its_class(code: CodeType) -> bool:
-    """Whether compiling `code` inside a class would change it: a private name the class
-    mangles (``__x``, in any name or string constant, keyword names included), or
-    ``super()`` and ``__class__``, which get a ``__class__`` cell there."""
-    texts = set(_names(code)) | _strings(code)
-    return bool(texts & {"super", "__class__"}) or any(
-        t.startswith("__") and not t.endswith("__") for t in texts
-    )
-
-
-def _strings(code: CodeType) -> set[str]:
-    found: set[str] = set()
-    todo: list[Any] = list(code.co_consts)
-    while todo:
-        const = todo.pop()
-        if isinstance(const, str):
-            found.add(const)
-        elif isinstance(const, (tuple, frozenset)):
-            todo.extend(const)
-        elif isinstance(const, CodeType):
-            todo.extend(const.co_consts)
-    return found
