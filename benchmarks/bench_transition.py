@@ -9,10 +9,13 @@
    with 4 threads calling the patched functions (1 ms of sleep between rounds): a ticker
    thread sleeps 0.1 ms at a time and records its gaps beyond that. Windows: each
    ``apply`` and each ``revert`` call with the 20 ms after it (the apply includes the
-   engine compiling and verifying 100 functions), and each transition proper. Two
+   engine compiling and verifying 100 functions), and each transition proper. Three
    references run in the same cycles, so the machine's noise hits them alike: "no
-   patching", the same ticker and callers in windows as long, and a one-function patch's
-   transitions and whole calls, the least any transition or apply does. Per kind of
+   patching", the same ticker and callers in windows as long; a one-function patch's
+   transitions and whole calls, the least any transition or apply does; and a paced
+   busy loop, pure-Python work for as much CPU time as each apply or revert took, handing
+   the GIL over as planning does (what any work that long costs the other threads here,
+   so what the whole call costs beyond it is the engine's own). Per kind of
    window: median and max over the windows of the ticker's longest gap, how many gaps
    over 1 ms they held, and the
    longest gap of the same ticker run in another process over the same spans: a thread
@@ -52,9 +55,10 @@ import threading
 import time
 from array import array
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import livepatch
+from livepatch import pace
 
 MODELS = ("hybrid", "two_universe", "stop", "immediate")
 
@@ -331,21 +335,43 @@ def call_wide(module: Any, stop: threading.Event) -> None:
         time.sleep(0.001)
 
 
-def apply_and_revert(
-    patch: livepatch.Patch, model: str
-) -> list[tuple[float, float, livepatch.Transition]]:
-    """Apply, 20 ms, revert, 20 ms: per call, its window (the call and the 20 ms after it)
-    and its transition."""
+class Call(NamedTuple):
+    """One apply or revert call: its window (the call and the 20 ms after it), its
+    transition, and the calling thread's CPU time in the call."""
+
+    start: float
+    end: float
+    transition: livepatch.Transition
+    cpu: float
+
+
+def apply_and_revert(patch: livepatch.Patch, model: str) -> list[Call]:
+    """Apply, 20 ms, revert, 20 ms."""
     calls = []
     for action in ("apply", "revert"):
-        start = time.monotonic()
+        start, cpu = time.monotonic(), time.thread_time()
         if action == "apply":
             t = livepatch.apply(patch, model=model, timeout=10)
         else:
             t = livepatch.revert(patch.name, model=model, timeout=10)
+        cpu = time.thread_time() - cpu
         time.sleep(0.02)
-        calls.append((start, time.monotonic(), t))
+        calls.append(Call(start, time.monotonic(), t, cpu))
     return calls
+
+
+def paced_busy(cpu: float) -> None:
+    """Pure-Python work for `cpu` seconds of this thread's CPU time, handing the GIL
+    over as planning does (``pace.paced`` and a ``pace.Yielder``): what any work that
+    long costs the other threads here, done as well as livepatch knows how."""
+    handing_over = pace.Yielder()
+    end = time.thread_time() + cpu
+    with pace.paced():
+        while time.thread_time() < end:
+            total = 0
+            for i in range(200):  # about 10 µs, an engine step's size
+                total += i
+            handing_over()
 
 
 def pauses(model: str, cycles: int) -> list[str]:
@@ -360,25 +386,34 @@ def pauses(model: str, cycles: int) -> list[str]:
     base, whole = Spread("no patching"), Spread("whole apply or revert")
     inside, least = Spread("inside transition"), Spread("inside, 1-function patch")
     least_whole = Spread("whole, 1-function patch")
+    busy = Spread("paced busy loop, same CPU")
     paused: list[float] = []
     outside = OutsideTicker()
     try:
         for _ in range(cycles):
             with Ticker() as ticker:
                 calls = apply_and_revert(patch, model)
-            for start, end, t in calls:
+            for start, end, t, _ in calls:
                 paused.append(t.paused)
                 whole.add(ticker.within(start, end), end - start, [(start, end)])
                 inside.add_transitions(ticker, [t])
             # the baseline: the same threads, windows as long, no patching
             with Ticker() as ticker:
-                for length in [end - start for start, end, _ in calls]:
+                for length in [c.end - c.start for c in calls]:
                     start = time.monotonic()
                     time.sleep(length)
                     end = time.monotonic()
                     base.add(ticker.within(start, end), end - start, [(start, end)])
+            # the same CPU time as each call, as paced busy work, and the same 20 ms after
             with Ticker() as ticker:
-                for start, end, t in apply_and_revert(one, model):
+                for call in calls:
+                    start = time.monotonic()
+                    paced_busy(call.cpu)
+                    time.sleep(0.02)
+                    end = time.monotonic()
+                    busy.add(ticker.within(start, end), end - start, [(start, end)])
+            with Ticker() as ticker:
+                for start, end, t, _ in apply_and_revert(one, model):
                     least.add_transitions(ticker, [t])
                     least_whole.add(ticker.within(start, end), end - start, [(start, end)])
     finally:
@@ -386,7 +421,7 @@ def pauses(model: str, cycles: int) -> list[str]:
         for c in callers:
             c.join(5)
         outside.close()
-    spreads = (base, whole, inside, least, least_whole)
+    spreads = (base, whole, inside, least, least_whole, busy)
     for spread in spreads:
         spread.resolve(outside)
     lines = [s.line(model) for s in spreads]

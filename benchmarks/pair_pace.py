@@ -134,7 +134,7 @@ def main() -> None:
             for cycle in range(args.cycles):
                 for name in chosen if cycle % 2 == 0 else chosen[::-1]:
                     with variant(name):
-                        for start, end, t in bt.apply_and_revert(patch, "hybrid"):
+                        for start, end, t, _ in bt.apply_and_revert(patch, "hybrid"):
                             whole[name].append(max(ticker.within(start, end), default=0.0))
                             inside[name].append(max(ticker.within(t._t0, t._t1 or t._t0),
                                                     default=0.0))

@@ -29,12 +29,23 @@ def test_bench_transition_pause_and_planning_sections() -> None:
     out = run("bench_transition.py", "--cycles", "1", "--sections", "2,3",
               "--models", "hybrid")
     for label in ("no patching", "whole apply or revert", "inside transition",
-                  "inside, 1-function patch", "whole, 1-function patch"):
+                  "inside, 1-function patch", "whole, 1-function patch",
+                  "paced busy loop, same CPU"):
         assert re.search(rf"^hybrid +{re.escape(label)} +longest gap +{MS[:-3]} / +{MS}",
                          out, re.M), (label, out)
     assert re.search(rf"planning a 100-function patch .*median {MS}", out), out
     assert re.search(rf"old source as expect= .*median {MS}", out), out
     assert re.search(rf"its hybrid transition, no other thread: apply median {MS}", out), out
+
+
+def test_phase_pauses_splits_each_call_at_the_engine_log_lines() -> None:
+    out = run("phase_pauses.py", "--cycles", "1")
+    for phase in ("apply: from call", "apply: from verified 0 of 100 function(s)",
+                  "apply: from starting patch transition", "apply: from returned",
+                  "revert: from call", "revert: from starting unpatch transition",
+                  "revert: from unpatch transition started"):
+        assert re.search(rf"^{re.escape(phase)} +{MS} +longest gap +{MS[:-3]} / +{MS}",
+                         out, re.M), (phase, out)
 
 
 def test_pair_pace_compares_variants_pairwise() -> None:

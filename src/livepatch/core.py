@@ -311,7 +311,9 @@ def _check_globals(patch: Patch, the_plan: Plan) -> None:
         for a in r.added
         if (id(a.holder), a.name) not in carried
     }
+    handing_over = pace.Yielder()  # a bytecode scan per function: paced like planning
     for index, prepared in enumerate(the_plan.prepared):
+        handing_over()
         module = prepared.module
         added = {a.name for a in the_plan.added if a.holder is module}
         uses = _global_names(prepared.version.code)
@@ -870,7 +872,11 @@ def _refuse_if_busy(name: str) -> None:
 
 
 def _apply_changes(the_plan: Plan, superseded: list[_Record]) -> list[Change]:
-    changes = [Change(p.slot, p.slot.effective(), p.version) for p in the_plan.prepared]
+    handing_over = pace.Yielder()  # as in revert: a few µs each, a hundred of them
+    changes = []
+    for p in the_plan.prepared:
+        handing_over()
+        changes.append(Change(p.slot, p.slot.effective(), p.version))
     if superseded:
         # atomic replace: functions the cumulative patch does not name go back to original
         named = {id(p.slot) for p in the_plan.prepared}
@@ -1018,7 +1024,12 @@ def revert(
                 _refused(record.patch, "revert", exc)
                 raise
             changes = []
+            # paced like planning: under load this loop alone kept other threads off the
+            # GIL for about half a millisecond (100 functions, benchmarks/bench_transition
+            # section 2's scene), before prepare's first hand-over
+            handing_over = pace.Yielder()
             for slot in record.slots:
+                handing_over()
                 top = slot.effective()
                 if top.patch == name:
                     below = slot.stack[-2] if len(slot.stack) > 1 else slot.original
