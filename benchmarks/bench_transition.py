@@ -54,6 +54,8 @@ import tempfile
 import threading
 import time
 from array import array
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -335,6 +337,22 @@ def call_wide(module: Any, stop: threading.Event) -> None:
         time.sleep(0.001)
 
 
+@contextmanager
+def wide_callers(module: Any, count: int = 4) -> Iterator[None]:
+    """Section 2's calling threads (:func:`call_wide`) for the length of the block."""
+    stop = threading.Event()
+    callers = [threading.Thread(target=call_wide, args=(module, stop), daemon=True)
+               for _ in range(count)]
+    for caller in callers:
+        caller.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for caller in callers:
+            caller.join(5)
+
+
 class Call(NamedTuple):
     """One apply or revert call: its window (the call and the 20 ms after it), its
     transition, and the calling thread's CPU time in the call."""
@@ -378,11 +396,6 @@ def pauses(model: str, cycles: int) -> list[str]:
     module = module_from(WIDE)
     patch = wide_patch(module, f"wide-{model}")
     one = wide_patch(module, f"one-{model}", functions=1)
-    callers_stop = threading.Event()
-    callers = [threading.Thread(target=call_wide, args=(module, callers_stop), daemon=True)
-               for _ in range(4)]
-    for c in callers:
-        c.start()
     base, whole = Spread("no patching"), Spread("whole apply or revert")
     inside, least = Spread("inside transition"), Spread("inside, 1-function patch")
     least_whole = Spread("whole, 1-function patch")
@@ -390,36 +403,35 @@ def pauses(model: str, cycles: int) -> list[str]:
     paused: list[float] = []
     outside = OutsideTicker()
     try:
-        for _ in range(cycles):
-            with Ticker() as ticker:
-                calls = apply_and_revert(patch, model)
-            for start, end, t, _ in calls:
-                paused.append(t.paused)
-                whole.add(ticker.within(start, end), end - start, [(start, end)])
-                inside.add_transitions(ticker, [t])
-            # the baseline: the same threads, windows as long, no patching
-            with Ticker() as ticker:
-                for length in [c.end - c.start for c in calls]:
-                    start = time.monotonic()
-                    time.sleep(length)
-                    end = time.monotonic()
-                    base.add(ticker.within(start, end), end - start, [(start, end)])
-            # the same CPU time as each call, as paced busy work, and the same 20 ms after
-            with Ticker() as ticker:
-                for call in calls:
-                    start = time.monotonic()
-                    paced_busy(call.cpu)
-                    time.sleep(0.02)
-                    end = time.monotonic()
-                    busy.add(ticker.within(start, end), end - start, [(start, end)])
-            with Ticker() as ticker:
-                for start, end, t, _ in apply_and_revert(one, model):
-                    least.add_transitions(ticker, [t])
-                    least_whole.add(ticker.within(start, end), end - start, [(start, end)])
+        with wide_callers(module):
+            for _ in range(cycles):
+                with Ticker() as ticker:
+                    calls = apply_and_revert(patch, model)
+                for start, end, t, _ in calls:
+                    paused.append(t.paused)
+                    whole.add(ticker.within(start, end), end - start, [(start, end)])
+                    inside.add_transitions(ticker, [t])
+                # the baseline: the same threads, windows as long, no patching
+                with Ticker() as ticker:
+                    for length in [c.end - c.start for c in calls]:
+                        start = time.monotonic()
+                        time.sleep(length)
+                        end = time.monotonic()
+                        base.add(ticker.within(start, end), end - start, [(start, end)])
+                # as much CPU time as each call took, as paced busy work; then 20 ms
+                with Ticker() as ticker:
+                    for call in calls:
+                        start = time.monotonic()
+                        paced_busy(call.cpu)
+                        time.sleep(0.02)
+                        end = time.monotonic()
+                        busy.add(ticker.within(start, end), end - start, [(start, end)])
+                with Ticker() as ticker:
+                    for start, end, t, _ in apply_and_revert(one, model):
+                        least.add_transitions(ticker, [t])
+                        least_whole.add(ticker.within(start, end), end - start,
+                                        [(start, end)])
     finally:
-        callers_stop.set()
-        for c in callers:
-            c.join(5)
         outside.close()
     spreads = (base, whole, inside, least, least_whole, busy)
     for spread in spreads:

@@ -122,26 +122,16 @@ def main() -> None:
 
     module = bt.module_from(bt.WIDE)
     patch = bt.wide_patch(module, "pair-pace")
-    stop = threading.Event()
-    callers = [threading.Thread(target=bt.call_wide, args=(module, stop), daemon=True)
-               for _ in range(4)]
-    for c in callers:
-        c.start()
     whole: dict[str, list[float]] = {n: [] for n in chosen}
     inside: dict[str, list[float]] = {n: [] for n in chosen}
-    try:
-        with bt.Ticker() as ticker:
-            for cycle in range(args.cycles):
-                for name in chosen if cycle % 2 == 0 else chosen[::-1]:
-                    with variant(name):
-                        for start, end, t, _ in bt.apply_and_revert(patch, "hybrid"):
-                            whole[name].append(max(ticker.within(start, end), default=0.0))
-                            inside[name].append(max(ticker.within(t._t0, t._t1 or t._t0),
-                                                    default=0.0))
-    finally:
-        stop.set()
-        for c in callers:
-            c.join(5)
+    with bt.wide_callers(module), bt.Ticker() as ticker:
+        for cycle in range(args.cycles):
+            for name in chosen if cycle % 2 == 0 else chosen[::-1]:
+                with variant(name):
+                    for start, end, t, _ in bt.apply_and_revert(patch, "hybrid"):
+                        whole[name].append(max(ticker.within(start, end), default=0.0))
+                        inside[name].append(max(ticker.within(t._t0, t._t1 or t._t0),
+                                                default=0.0))
 
     def summary(xs: list[float]) -> str:
         over = sum(x > 0.001 for x in xs)

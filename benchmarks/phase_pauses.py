@@ -20,7 +20,6 @@ import itertools
 import logging
 import statistics
 import sys
-import threading
 import time
 from collections import defaultdict
 
@@ -55,14 +54,9 @@ def main() -> None:
     logger.propagate = False
     module = bt.module_from(bt.WIDE)
     patch = bt.wide_patch(module, "phases")
-    stop = threading.Event()
-    callers = [threading.Thread(target=bt.call_wide, args=(module, stop), daemon=True)
-               for _ in range(4)]
-    for caller in callers:
-        caller.start()
     gaps: dict[str, list[float]] = defaultdict(list)
     lengths: dict[str, list[float]] = defaultdict(list)
-    try:
+    with bt.wide_callers(module):
         for _ in range(args.cycles):
             with bt.Ticker() as ticker:
                 for action in ("apply", "revert"):
@@ -79,10 +73,6 @@ def main() -> None:
                         phase = f"{action}: from {name}"
                         gaps[phase].append(max(ticker.within(start, end), default=0.0))
                         lengths[phase].append(end - start)
-    finally:
-        stop.set()
-        for caller in callers:
-            caller.join(5)
     print(f"Python {sys.version.split()[0]}; {args.cycles} cycles; per phase: its median "
           "length; the ticker's longest gap in it, median / max over the calls; calls "
           "where that gap was over 1 ms")
