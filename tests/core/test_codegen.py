@@ -216,6 +216,10 @@ def test_a_top_level_replacement_uses_its_own_code_as_compiling_would_make_it(
     assert fast.co_qualname == compiled.co_qualname == qualname
     nested = [c for c in fast.co_consts if isinstance(c, types.CodeType)]
     assert all(c.co_filename == "shown.py" for c in [fast, *nested])
+    # code equality leaves qualified names out: compare the nested ones too
+    assert [c.co_qualname for c in nested] == [
+        c.co_qualname for c in compiled.co_consts if isinstance(c, types.CodeType)
+    ]
 
 
 @pytest.mark.parametrize(
