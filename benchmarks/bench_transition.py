@@ -477,24 +477,22 @@ def section_3(cycles: int) -> None:
     ``apply``'s own work, done before the transition, with no other thread running."""
     module = module_from(WIDE)
     patch = wide_patch(module, "wide-plan")
-    times = []
-    for _ in range(cycles):
-        start = time.perf_counter()
-        livepatch.plan(patch)
-        times.append(time.perf_counter() - start)
+
+    def planning(of: livepatch.Patch) -> str:
+        times = []
+        for _ in range(cycles):
+            start = time.perf_counter()
+            livepatch.plan(of)
+            times.append(time.perf_counter() - start)
+        return (f"median {statistics.median(times) * 1e3:.1f} ms, "
+                f"min {min(times) * 1e3:.1f} ms")
+
     print("\n3. planning a 100-function patch (livepatch.plan), no other thread: "
-          f"median {statistics.median(times) * 1e3:.1f} ms, min {min(times) * 1e3:.1f} ms "
-          f"over {cycles}")
+          f"{planning(patch)} over {cycles}")
     # as `livepatch build` writes a patch: each function's old source as expect=
     verified = wide_patch(module, "wide-plan-expect", expect=True)
-    times = []
-    for _ in range(cycles):
-        start = time.perf_counter()
-        livepatch.plan(verified)
-        times.append(time.perf_counter() - start)
     print("   the same with each function's old source as expect= (as livepatch build "
-          f"writes it): median {statistics.median(times) * 1e3:.1f} ms, "
-          f"min {min(times) * 1e3:.1f} ms")
+          f"writes it): {planning(verified)}")
     # the transition proper: from the first trampoline stored to the new code installed
     # (its trampolines are built before it starts, like the plan)
     spans: dict[str, list[float]] = {"apply": [], "revert": []}
