@@ -17,9 +17,10 @@ function is taken from the compiled constants (nothing is executed). When the ne
 longer uses a free variable the old one had, a dead ``if 0: (name,)`` keeps the name free,
 so the cell layout still matches.
 
-A replacement that needs none of that (a top-level function replacing a top-level
-function, no free variables, the same future flags and imports) compiles in the context
-to its own code, so :func:`compiled_already` hands that code over without compiling.
+A replacement that needs none of that (a def at the top level of the patch file, no free
+variables on either side, the same future flags and imports, and for a method nothing a
+class changes) compiles in the context to its own code, so :func:`compiled_already` hands
+that code over without compiling.
 
 The same context compiles ``expect=`` source for fingerprint checks.
 """
@@ -436,9 +437,9 @@ def _rehome(code: CodeType, old: str, new: str, filename: str | None) -> CodeTyp
     qualname = code.co_qualname
     if qualname == old or qualname.startswith(old + "."):
         qualname = new + qualname[len(old) :]
-    if filename is None:
-        return code.replace(co_qualname=qualname, co_consts=consts)
-    return code.replace(co_qualname=qualname, co_consts=consts, co_filename=filename)
+    return code.replace(
+        co_qualname=qualname, co_consts=consts, co_filename=filename or code.co_filename
+    )
 
 
 # -- finding source -------------------------------------------------------------------
