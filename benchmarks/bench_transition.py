@@ -15,15 +15,14 @@
    transitions and whole calls, the least any transition or apply does; and a paced
    busy loop, pure-Python work for as much CPU time as each apply or revert took, handing
    the GIL over as planning does (what any work that long costs the other threads here,
-   so what the whole call costs beyond it is the engine's own). Per kind of
-   window: median and max over the windows of the ticker's longest gap, how many gaps
-   over 1 ms they held, and the
-   longest gap of the same ticker run in another process over the same spans: a thread
-   that shares no GIL with us, so the machine's own floor (on a VM, a virtual CPU that
-   went idle can take a millisecond to wake up). Target: under 1 ms for hybrid (the
-   patching thread hands the GIL over, ``livepatch.pace``); ``stop`` parks the world and
-   reports how long. ``benchmarks/trace_pauses.py`` says how much of a gap was a wait for
-   the GIL, and who held it meanwhile.
+   so what the whole call costs beyond it is the engine's own). Per kind of window:
+   median and max over the windows of the ticker's longest gap, how many gaps over 1 ms
+   they held, and the longest gap of the same ticker run in another process over the
+   same spans: a thread that shares no GIL with us, so the machine's own floor (on a
+   VM, a virtual CPU that went idle can take a millisecond to wake up). Target: under
+   1 ms for hybrid (the patching thread hands the GIL over, ``livepatch.pace``); ``stop``
+   parks the world and reports how long. ``benchmarks/trace_pauses.py`` says how much
+   of a gap was a wait for the GIL, and who held it meanwhile.
 
 3. How long the engine plans (compiles and verifies) that 100-function patch, alone, and
    the same patch written as ``livepatch build`` writes one (each function's old source
