@@ -84,6 +84,11 @@ _ids = itertools.count()
 #: its task was seen at the goal with a clean stack (see "Fast path" above)
 SWITCHED: contextvars.ContextVar[object] = contextvars.ContextVar("livepatch_switched")
 _NEVER = object()  # a mark no context carries
+#: what a finished transition's trampoline reads for the mark: a "context variable" every
+#: context carries, and the mark it carries (see Universe.remove)
+_ALWAYS = object()
+_EVERYWHERE = {None: _ALWAYS}
+_NO_FLAGS: dict[str, bool] = {}  # never written
 #: (when, builtins dict, name) of trampoline states left behind by finished transitions
 _tombstones: list[tuple[float, dict[str, Any], str]] = []
 TOMBSTONE_SECONDS = 60.0
@@ -313,14 +318,13 @@ class Record:
         self.blocking: Sequence[str] = ()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Entry:
     """One live function object under dispatch."""
 
     func: FunctionType
     versions: tuple[Version, Version]
     clones: tuple[FunctionType, FunctionType]
-    makes_gen: tuple[bool, bool]
     saved_defaults: Any
     saved_kwdefaults: Any
     trampoline: CodeType
@@ -340,17 +344,31 @@ class _Entry:
     #: the defaults and kwdefaults the function carries with the trampoline in (made by
     #: prepare, stored by install)
     defaults_in: tuple[Any, Any] = (None, None)
-    #: what remove stores, per side: (code, defaults, kwdefaults to copy)
-    finals: tuple[tuple[Any, ...], ...] = ()
+
+    def makes_gen(self, side: int) -> bool:
+        """Whether `side`'s version makes a generator, coroutine or async generator."""
+        return bool(self.versions[side].code.co_flags & _KIND_FLAGS)
 
     def trampoline_defaults(self) -> tuple[Any, Any]:
         if not self.exact:
-            return None, None
+            return _NO_DEFAULTS
         version = self.versions[0]
         d = self.saved_defaults if version.defaults is KEEP else version.defaults
         kw = self.saved_kwdefaults if version.kwdefaults is KEEP else version.kwdefaults
-        return d, dict(kw) if kw else None
+        if kw:
+            return d, dict(kw)
+        return _NO_DEFAULTS if d is None else (d, None)
 
+    def final(self, side: int) -> tuple[CodeType, Any, Any]:
+        """What remove stores for `side`: its code, defaults and kwdefaults (a copy)."""
+        version = self.versions[side]
+        d = self.saved_defaults if version.defaults is KEEP else version.defaults
+        kw = self.saved_kwdefaults if version.kwdefaults is KEEP else version.kwdefaults
+        return version.code, d, dict(kw) if kw else None
+
+
+#: no defaults and no kwdefaults (one shared pair rather than one per function)
+_NO_DEFAULTS = (None, None)
 
 _RUN_LOOP = {asyncio.BaseEventLoop.run_forever.__code__}
 #: Tasks show their context from 3.12 (``get_context``); on 3.11 a Task made with
@@ -374,15 +392,6 @@ def _under_a_loop(frames: list[FrameType], bad: list[FrameType], hosts_tasks: bo
 def _builtins_of(func: FunctionType) -> dict[str, Any]:
     found: dict[str, Any] = getattr(func, "__builtins__")  # typeshed lacks the attribute
     return found
-
-
-def _forward(func: FunctionType) -> Any:
-    """The slow path of a finished transition's trampoline: call the live function again."""
-
-    def forward(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        return func(*args, **kwargs)
-
-    return forward
 
 
 def _clone(func: FunctionType, version: Version, defaults: Any, kwdefaults: Any) -> FunctionType:
@@ -516,7 +525,6 @@ class Universe:
             func,
             (old, new),
             clones,
-            (bool(old.code.co_flags & _KIND_FLAGS), bool(new.code.co_flags & _KIND_FLAGS)),
             defaults,
             kwdefaults,
             trampoline,
@@ -525,20 +533,15 @@ class Universe:
             func.__code__,
             _builtins_of(func),
             # what remove() leaves behind (see there), made now to keep remove to stores
-            ({}, SWITCHED, _NEVER, func, _forward(func)),
+            (_NO_FLAGS, _EVERYWHERE, _ALWAYS, func, None),
         )
         entry.state = self._state(entry)
         entry.defaults_in = entry.trampoline_defaults()
-        entry.finals = tuple(
-            (v.code,
-             defaults if v.defaults is KEEP else v.defaults,
-             kwdefaults if v.kwdefaults is KEEP else v.kwdefaults)
-            for v in entry.versions
-        )
         return entry
 
     def _state(self, entry: _Entry) -> tuple[Any, ...]:
-        slow_call = functools.partial(self.slow_call, entry)
+        # of the unbound method: a bound one would be one more object per function
+        slow_call = functools.partial(Universe.slow_call, self, entry)
         return (self.slow, SWITCHED, self.mark, entry.clones[self.goal], slow_call)
 
     def remove(self, side: int) -> None:
@@ -551,8 +554,7 @@ class Universe:
                 # done and trampolines still in place run the same version meanwhile
                 pace()
                 func = entry.func
-                code, d, kw = entry.finals[side]
-                kw = dict(kw) if kw else None
+                code, d, kw = entry.final(side)
                 # three stores with no call between them (see install)
                 func.__code__ = code
                 func.__defaults__ = d
@@ -560,7 +562,8 @@ class Universe:
                 # A thread may have entered the trampoline and not yet loaded its state
                 # (the GIL can change hands at the frame's start), and may run it only
                 # after another transition has begun: leave a state that calls the live
-                # function again, so it goes wherever calls go *then*. Dropped much later
+                # function again, so it goes wherever calls go *then*. Its fast path does
+                # (no flags; every context "carries" its mark). Dropped much later
                 # (_sweep_tombstones).
                 entry.builtins[entry.global_name] = entry.tombstone
                 _tombstones.append((now, entry.builtins, entry.global_name))
@@ -603,7 +606,7 @@ class Universe:
                 return entry.clones[side](*args, **kwargs)
             finally:
                 SWITCHED.set(mark)
-        if not entry.makes_gen[side] or side == self.goal:
+        if not entry.makes_gen(side) or side == self.goal:
             return entry.clones[side](*args, **kwargs)
         # A generator/coroutine of the non-goal version: from now until it is gone, any
         # task may resume it, so the fast path is off (see the module docstring).

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import types
 
 import pytest
 
@@ -209,3 +210,34 @@ def test_a_default_changed_after_the_trampolines_were_built_is_kept(tmp_module, 
     assert m.COUNTER.__code__.co_consts.count("v2") == 1  # the new code, installed
     assert m.COUNTER.__defaults__ == (5,)
     assert m.COUNTER() == ("v2", 5)
+
+
+def test_a_trampoline_entered_before_dispatch_ended_calls_the_live_function(tmp_module):
+    """A thread can enter a trampoline and lose the GIL before it reads its state; by the
+    time it reads it, dispatch may have ended. It then finds the state remove() left
+    behind, which must send the call wherever calls go now: the new code once the patch
+    is finalized, the old one again once it is reverted."""
+    m = tmp_module(TARGET)
+    patch = patch_for(m, "late-reader", PATCH)
+    t, holder = _in_transition(m, patch)
+    try:
+        # what a thread inside each trampoline's frame, before its first line, would run
+        late = {}
+        for name in ("plain", "gen", "coro", "defaults_change"):
+            fn = getattr(m, name)
+            late[name] = types.FunctionType(fn.__code__, fn.__globals__, name,
+                                            fn.__defaults__, fn.__closure__)
+            late[name].__kwdefaults__ = fn.__kwdefaults__
+        assert all(f.__code__.co_filename == "<livepatch dispatch>" for f in late.values())
+    finally:
+        m.HOLD.set()
+        holder.join(5)
+    t.wait(10)
+
+    def run_all() -> list[object]:
+        return [late["plain"](1), list(late["gen"](1)), asyncio.run(late["coro"](3)),
+                late["defaults_change"](0)]
+
+    assert run_all() == [("v2", 1, 10, (), 5, {}), [("v2", 0)], ("v2", 3), ("v2", 0, 2)]
+    livepatch.revert(patch.name, model="immediate")
+    assert run_all() == [("v1", 1, 10, (), 5, {}), [("v1", 0)], ("v1", 3), ("v1", 0, 1)]
