@@ -10,7 +10,10 @@ median and max over the calls of the ticker's longest gap overlapping it, and in
 calls that gap was over 1 ms. A phase whose gaps stand out from the others holds the GIL
 too long somewhere; ``trace_pauses.py`` (root) says exactly who held it.
 
-    .venv/bin/python benchmarks/phase_pauses.py [--cycles 30]
+``--expect`` gives every function its old source as ``expect=``, as ``livepatch build``
+writes a patch.
+
+    .venv/bin/python benchmarks/phase_pauses.py [--cycles 30] [--expect]
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ class Marks(logging.Handler):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=30)
+    parser.add_argument("--expect", action="store_true",
+                        help="each function gives its old source as expect= (a built patch)")
     args = parser.parse_args()
     marks = Marks()
     logger = logging.getLogger("livepatch")
@@ -53,7 +58,7 @@ def main() -> None:
     logger.addHandler(marks)
     logger.propagate = False
     module = bt.module_from(bt.WIDE)
-    patch = bt.wide_patch(module, "phases")
+    patch = bt.wide_patch(module, "phases", expect=args.expect)
     gaps: dict[str, list[float]] = defaultdict(list)
     lengths: dict[str, list[float]] = defaultdict(list)
     with bt.wide_callers(module):
@@ -73,7 +78,8 @@ def main() -> None:
                         phase = f"{action}: from {name}"
                         gaps[phase].append(max(ticker.within(start, end), default=0.0))
                         lengths[phase].append(end - start)
-    print(f"Python {sys.version.split()[0]}; {args.cycles} cycles; per phase: its median "
+    print(f"Python {sys.version.split()[0]}; {args.cycles} cycles"
+          f"{', expect= on every function' if args.expect else ''}; per phase: its median "
           "length; the ticker's longest gap in it, median / max over the calls; calls "
           "where that gap was over 1 ms")
     for phase, values in gaps.items():

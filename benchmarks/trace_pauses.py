@@ -24,13 +24,15 @@ It reports:
 3. The garbage collections in the patching thread.
 
 ``--functions 1`` traces a one-function patch, the least any transition does.
+``--expect`` gives every function its old source as ``expect=``, as ``livepatch build``
+writes a patch (planning then compiles and compares each).
 ``--callers 0`` leaves out the calling threads.
 
 Needs Linux, perf with uprobes, and the right to trace (root). The probes are added under
 the group ``lptrace`` and removed at the end.
 
     .venv/bin/python benchmarks/trace_pauses.py [--cycles 10] [--functions 100] [--callers 4]
-        [--within transitions|calls|after]
+        [--expect] [--within transitions|calls|after]
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ WITHIN = {"transitions": "transitions", "calls": "apply/revert calls",
           "after": "the 20 ms after each apply/revert"}
 
 
-def scene(cycles: int, model: str, functions: int, callers: int, out: Path) -> None:
+def scene(
+    cycles: int, model: str, functions: int, callers: int, expect: bool, out: Path
+) -> None:
     """The traced process: bench_transition section 2's scene, with records."""
     sys.path.insert(0, str(HERE))
     import logging
@@ -100,7 +104,7 @@ def scene(cycles: int, model: str, functions: int, callers: int, out: Path) -> N
 
     gc.callbacks.append(timed)
     module = bt.module_from(bt.WIDE)
-    patch = bt.wide_patch(module, "traced", functions)
+    patch = bt.wide_patch(module, "traced", functions, expect)
 
     ends, lengths = array("d"), array("d")  # untracked by the collector (see Ticker)
 
@@ -284,6 +288,8 @@ def main() -> None:
     parser.add_argument("--model", default="hybrid")
     parser.add_argument("--functions", type=int, default=100, help="patched functions (1-100)")
     parser.add_argument("--callers", type=int, default=4, help="threads calling them")
+    parser.add_argument("--expect", action="store_true",
+                        help="each function gives its old source as expect= (a built patch)")
     parser.add_argument("--within", choices=WITHIN, default="transitions",
                         help="whose long waits to look into: inside transitions, inside "
                         "whole apply/revert calls (planning included), or in the 20 ms after "
@@ -293,14 +299,15 @@ def main() -> None:
     if not 1 <= args.functions <= 100:
         parser.error("--functions must be between 1 and 100")
     if args.scene:
-        scene(args.cycles, args.model, args.functions, args.callers, args.scene)
+        scene(args.cycles, args.model, args.functions, args.callers, args.expect, args.scene)
         return
     binary = interpreter_binary()
     with tempfile.TemporaryDirectory(prefix="lptrace-") as tmp:
         data_file, perf_file = Path(tmp) / "scene.json", Path(tmp) / "perf.data"
         child = [sys.executable, __file__, "--cycles", str(args.cycles), "--model",
                  args.model, "--functions", str(args.functions), "--callers",
-                 str(args.callers), "--scene", str(data_file)]
+                 str(args.callers), *(["--expect"] if args.expect else []), "--scene",
+                 str(data_file)]
         events = [arg for name in PROBES for arg in ("-e", f"{GROUP}:{name}")]
         try:
             add_probes(binary)
@@ -318,7 +325,8 @@ def main() -> None:
         finally:
             remove_probes()
         print(f"Python {sys.version.split()[0]}; {args.cycles} apply+revert cycles of a "
-              f"{args.functions}-function {args.model} patch, {args.callers} calling threads\n")
+              f"{args.functions}-function {args.model} patch"
+              f"{' with expect=' if args.expect else ''}, {args.callers} calling threads\n")
         report(json.loads(data_file.read_text()), GIL(trace), args.within)
 
 

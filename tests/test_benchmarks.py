@@ -46,6 +46,8 @@ def test_phase_pauses_splits_each_call_at_the_engine_log_lines() -> None:
                   "revert: from unpatch transition started"):
         assert re.search(rf"^{re.escape(phase)} +{MS} +longest gap +{MS[:-3]} / +{MS}",
                          out, re.M), (phase, out)
+    built = run("phase_pauses.py", "--cycles", "1", "--expect")  # as livepatch build writes it
+    assert re.search(r"^apply: from verified 100 of 100 function\(s\) ", built, re.M), built
 
 
 def test_pair_pace_compares_variants_pairwise() -> None:

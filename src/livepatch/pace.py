@@ -230,8 +230,12 @@ class Yielder:
             return
         now = time.thread_time()
         spent = now - self._looked
-        # look again after about LOOK of CPU time
-        self._stride = max(1, min(64, int(self._stride * LOOK / spent))) if spent > 0 else 1
+        # look again after about LOOK of CPU time, but at most twice as many calls on: a
+        # loop that calls first and works after makes its first look after no work at
+        # all, which would say "64 calls". Planning 100 functions with expect= then ran
+        # 3 to 4 ms without a hand-over once per apply (items of 100 µs)
+        grown = int(self._stride * LOOK / spent) if spent > 0 else 1
+        self._stride = max(1, min(64, 2 * self._stride, grown))
         self._left = self._stride
         self._looked = now
         if now - _ran.since + ahead >= _ran.period:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import itertools
 import os
 import statistics
 import sys
@@ -123,6 +124,28 @@ def test_loops_one_after_another_share_the_threads_clock(monkeypatch) -> None:
     so can a garbage collection in the thread, hence none during the loops.
     """
     every = 0.002
+    seen: dict[str, object] = {}
+
+    def loops(handed: list[float]) -> None:  # its own clock and period, as a worker has
+        start = time.thread_time()
+        burn_cpu(0.6 * every, pace.Yielder(every))
+        seen["after first"] = list(handed)
+        burn_cpu(0.6 * every, pace.Yielder(every))  # a new loop, the same clock
+        seen["after second"] = [t - start for t in handed]
+
+    hand_overs_in_a_fresh_thread(loops, monkeypatch)
+    assert seen["after first"] == []
+    first = seen["after second"]
+    assert isinstance(first, list) and len(first) == 1
+    assert first[0] >= every * 0.9
+
+
+def hand_overs_in_a_fresh_thread(
+    body: Callable[[list[float]], None], monkeypatch: pytest.MonkeyPatch
+) -> list[float]:
+    """Run `body` in a new thread with no garbage collection (a collection counts as the
+    thread's CPU time, all in one piece); the list it is given, and that this returns,
+    gets the thread's CPU time at each of its hand-overs as they happen."""
     handed: list[float] = []
     hand_over = pace.hand_over
 
@@ -131,28 +154,44 @@ def test_loops_one_after_another_share_the_threads_clock(monkeypatch) -> None:
         hand_over()
 
     monkeypatch.setattr(pace, "hand_over", counted)
-    seen: dict[str, object] = {}
-
-    def fresh_thread() -> None:  # its own clock and period, as a transition worker has
-        start = time.thread_time()
-        burn_cpu(0.6 * every, pace.Yielder(every))
-        seen["after first"] = list(handed)
-        burn_cpu(0.6 * every, pace.Yielder(every))  # a new loop, the same clock
-        seen["after second"] = [t - start for t in handed]
-
-    thread = threading.Thread(target=fresh_thread, name="lptest-loops", daemon=True)
+    thread = threading.Thread(target=body, args=(handed,), name="lptest-paced-loop",
+                              daemon=True)
     collecting = gc.isenabled()
-    gc.disable()  # a collection in the thread counts as its CPU time, all in one piece
+    gc.disable()
     try:
         thread.start()
         thread.join(5)
     finally:
         if collecting:
             gc.enable()
-    assert seen["after first"] == []
-    first = seen["after second"]
-    assert isinstance(first, list) and len(first) == 1
-    assert first[0] >= every * 0.9
+    return handed
+
+
+def test_a_loop_that_calls_before_it_works_still_hands_over_in_time(monkeypatch) -> None:
+    """A loop that calls its Yielder at the top of each item makes its first look at the
+    clock after a few µs of setup and no item at all. That look must not conclude "items
+    take µs, look again dozens of calls from now": with 1 ms items that was 5 to 7 ms
+    without a hand-over. Planning calls this way; with expect= (items of 100 µs) it held
+    the GIL 3 to 4 ms once per apply. Period 2 ms and no collections, as above."""
+    every, item = 0.002, 0.001
+    seen: dict[str, float] = {}
+
+    def loop(_handed: list[float]) -> None:
+        pace.Yielder(every)()  # a thread's first reading of its CPU clock can be coarse
+        seen["start"] = time.thread_time()
+        pacer = pace.Yielder(every)
+        sum(range(100))  # the setup before the loop: a µs or two
+        for _ in range(10):
+            pacer()
+            burn_cpu(item, lambda: None)
+        seen["end"] = time.thread_time()
+
+    handed = hand_overs_in_a_fresh_thread(loop, monkeypatch)
+    marks = [seen["start"], *handed, seen["end"]]
+    stretches = [round(b - a, 4) for a, b in itertools.pairwise(marks)]
+    assert len(handed) >= 2, stretches
+    # the period, plus the item under way when it ran out, plus the VM's clock jumps
+    assert max(stretches) < every + item + 0.001, stretches
 
 
 def test_no_hand_over_while_held() -> None:
