@@ -15,7 +15,10 @@
    transitions and whole calls, the least any transition or apply does; and a paced
    busy loop, pure-Python work for as much CPU time as each apply or revert took, handing
    the GIL over as planning does (what any work that long costs the other threads here,
-   so what the whole call costs beyond it is the engine's own). Per kind of window:
+   so what the whole call costs beyond it is the engine's own). Then the whole calls of
+   the same 100 functions written as ``livepatch build`` writes a patch (each giving its
+   old source as ``expect=``, so planning compiles and compares each: about four times
+   the CPU time of planning without). Per kind of window:
    median and max over the windows of the ticker's longest gap, how many gaps over 1 ms
    they held, and the longest gap of the same ticker run in another process over the
    same spans: a thread that shares no GIL with us, so the machine's own floor (on a
@@ -395,10 +398,12 @@ def pauses(model: str, cycles: int) -> list[str]:
     module = module_from(WIDE)
     patch = wide_patch(module, f"wide-{model}")
     one = wide_patch(module, f"one-{model}", functions=1)
+    built = wide_patch(module, f"built-{model}", expect=True)
     base, whole = Spread("no patching"), Spread("whole apply or revert")
     inside, least = Spread("inside transition"), Spread("inside, 1-function patch")
     least_whole = Spread("whole, 1-function patch")
     busy = Spread("paced busy loop, same CPU")
+    built_whole = Spread("whole, built patch")
     paused: list[float] = []
     outside = OutsideTicker()
     try:
@@ -430,9 +435,13 @@ def pauses(model: str, cycles: int) -> list[str]:
                         least.add_transitions(ticker, [t])
                         least_whole.add(ticker.within(start, end), end - start,
                                         [(start, end)])
+                with Ticker() as ticker:
+                    for start, end, _, _ in apply_and_revert(built, model):
+                        built_whole.add(ticker.within(start, end), end - start,
+                                        [(start, end)])
     finally:
         outside.close()
-    spreads = (base, whole, inside, least, least_whole, busy)
+    spreads = (base, whole, inside, least, least_whole, busy, built_whole)
     for spread in spreads:
         spread.resolve(outside)
     lines = [s.line(model) for s in spreads]
@@ -530,7 +539,9 @@ def section_2(models: list[str], cycles: int) -> None:
     print("   the longest gap of the same ticker in another process (the machine's floor).")
     print("   'no patching': the same threads for as long, right after each apply+revert;")
     print("   '1-function patch': its transitions and whole calls, in the same cycles (the")
-    print("   least a transition, or an apply, does)")
+    print("   least a transition, or an apply, does); 'built patch': the same 100")
+    print("   functions, each giving its old source as expect= (as livepatch build writes")
+    print("   it, so planning compiles and compares each), whole calls in the same cycles")
     for model in models:
         print("\n".join(pauses(model, cycles)), flush=True)
 

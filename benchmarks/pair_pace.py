@@ -24,7 +24,11 @@ Variants (``livepatch.pace`` settings, changed between cycles):
   interval-100us ``paced()`` lowers the switch interval to 0.1 ms, not 0.2 ms
   unpaced        ``paced()`` leaves the switch interval at CPython's 5 ms: only the naps
 
+``--expect`` runs it on the patch as ``livepatch build`` writes it (every function gives
+its old source as ``expect=``).
+
     .venv/bin/python benchmarks/pair_pace.py [--cycles 20] [--variants current,nap-300us]
+        [--expect]
 """
 
 from __future__ import annotations
@@ -103,6 +107,8 @@ def variant(name: str) -> Iterator[None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=20)
+    parser.add_argument("--expect", action="store_true",
+                        help="each function gives its old source as expect= (a built patch)")
     parser.add_argument("--variants", default="current,plan-no-naps,nap-300us,every-500us",
                         help=f"comma-separated, the first is the reference: {', '.join(VARIANTS)}")
     args = parser.parse_args()
@@ -121,7 +127,7 @@ def main() -> None:
     pace.hand_over = _hand_over_unless_quiet
 
     module = bt.module_from(bt.WIDE)
-    patch = bt.wide_patch(module, "pair-pace")
+    patch = bt.wide_patch(module, "pair-pace", expect=args.expect)
     whole: dict[str, list[float]] = {n: [] for n in chosen}
     inside: dict[str, list[float]] = {n: [] for n in chosen}
     with bt.wide_callers(module), bt.Ticker() as ticker:
