@@ -62,7 +62,6 @@ import functools
 import itertools
 import sys
 import threading
-import time
 import types
 import weakref
 from collections.abc import Sequence
@@ -89,17 +88,27 @@ _NEVER = object()  # a mark no context carries
 _ALWAYS = object()
 _EVERYWHERE = {None: _ALWAYS}
 _NO_FLAGS: dict[str, bool] = {}  # never written
-#: (when, builtins dict, name) of trampoline states left behind by finished transitions
-_tombstones: list[tuple[float, dict[str, Any], str]] = []
-TOMBSTONE_SECONDS = 60.0
+#: the trampoline codes of finished transitions, weakly, with where their state lies
+#: (builtins dict, name). Only code that runs a trampoline reads its state, and it holds
+#: the code: a frame that entered it, a generator or coroutine made from it and not yet
+#: started (which may first run minutes later). So a state may go once its code is gone.
+_tombstones: dict[weakref.ref[CodeType], tuple[dict[str, Any], str]] = {}
+#: states whose trampoline code is gone. A code can die in any thread at any moment (a
+#: garbage collection): the callback only moves its entry here, and the sweep, at the
+#: start of a transition, takes the names out of the builtins
+_buried: list[tuple[dict[str, Any], str]] = []
+
+
+def _bury(ref: weakref.ref[CodeType]) -> None:
+    where = _tombstones.pop(ref, None)
+    if where is not None:
+        _buried.append(where)
 
 
 def _sweep_tombstones() -> None:
-    """Forget trampoline states of transitions that ended long ago (no thread can still
-    be between entering a trampoline and reading its state after a minute)."""
-    now = time.monotonic()
-    while _tombstones and now - _tombstones[0][0] > TOMBSTONE_SECONDS:
-        _, holder, name = _tombstones.pop(0)
+    """Take out of the builtins the states that no trampoline can read any more."""
+    while _buried:
+        holder, name = _buried.pop()
         holder.pop(name, None)
 
 
@@ -548,7 +557,6 @@ class Universe:
         """Install `side`'s version directly on every function (dispatch ends)."""
         pace = Yielder()
         with self.lock:
-            now = time.monotonic()
             for entry in self.entries:
                 # every task is on `side` and the lock keeps it so: functions already
                 # done and trampolines still in place run the same version meanwhile
@@ -563,10 +571,11 @@ class Universe:
                 # (the GIL can change hands at the frame's start), and may run it only
                 # after another transition has begun: leave a state that calls the live
                 # function again, so it goes wherever calls go *then*. Its fast path does
-                # (no flags; every context "carries" its mark). Dropped much later
-                # (_sweep_tombstones).
+                # (no flags; every context "carries" its mark). Dropped once nothing
+                # holds the trampoline's code any more (_tombstones).
                 entry.builtins[entry.global_name] = entry.tombstone
-                _tombstones.append((now, entry.builtins, entry.global_name))
+                _tombstones[weakref.ref(entry.trampoline, _bury)] = (
+                    entry.builtins, entry.global_name)
                 # the state's slow path (a partial of this universe's method, holding the
                 # entry) makes a cycle: break it, so the transition's objects go with
                 # their last reference instead of waiting for the cyclic collector

@@ -4,6 +4,7 @@ and nothing of the trampoline is left once the transition ends."""
 from __future__ import annotations
 
 import asyncio
+import builtins
 import threading
 import time
 import types
@@ -241,3 +242,32 @@ def test_a_trampoline_entered_before_dispatch_ended_calls_the_live_function(tmp_
     assert run_all() == [("v2", 1, 10, (), 5, {}), [("v2", 0)], ("v2", 3), ("v2", 0, 2)]
     livepatch.revert(patch.name, model="immediate")
     assert run_all() == [("v1", 1, 10, (), 5, {}), [("v1", 0)], ("v1", 3), ("v1", 0, 1)]
+
+
+def test_a_generator_made_in_a_transition_runs_whenever_it_is_first_resumed(tmp_module):
+    """A generator or coroutine made from a trampoline reads the trampoline's state only
+    when it first runs, which may be long after its transition ended and others swept
+    their leftovers: the state stays while anything holds the trampoline's code, and
+    goes after that."""
+    m = tmp_module(TARGET)
+    patch = patch_for(m, "late-generator", PATCH)
+    t, holder = _in_transition(m, patch)
+    try:
+        made_then = (m.gen(2), m.coro(5))
+    finally:
+        m.HOLD.set()
+        holder.join(5)
+    t.wait(10)
+    names = {name for name in vars(builtins) if name.startswith("__livepatch_")}
+    for _ in range(2):  # later transitions sweep what nothing can read any more
+        livepatch.revert(patch.name, model="hybrid", timeout=10)
+        livepatch.apply(patch, model="hybrid", timeout=10)
+    gen, coro = made_then
+    assert list(gen) == [("v2", 0), ("v2", 1)]
+    assert asyncio.run(coro) == ("v2", 5)
+    del gen, coro, made_then
+    livepatch.revert(patch.name, model="hybrid", timeout=10)
+    left = {name for name in vars(builtins) if name.startswith("__livepatch_")}
+    assert not names & left, "a finished transition's states stay once nothing reads them"
+    # only the last transition's (swept by the next one): bounded, not one per transition
+    assert len(left) <= 8
