@@ -18,8 +18,8 @@
    so what the whole call costs beyond it is the engine's own). Then the whole calls of
    the same 100 functions written as ``livepatch build`` writes a patch (each giving its
    old source as ``expect=``, so planning compiles and compares each: about four times
-   the CPU time of planning without). Per kind of window:
-   median and max over the windows of the ticker's longest gap, how many gaps over 1 ms
+   the CPU time of planning without), with a paced busy loop of their CPU time. Per kind
+   of window: median and max over the windows of the ticker's longest gap, how many gaps over 1 ms
    they held, and the longest gap of the same ticker run in another process over the
    same spans: a thread that shares no GIL with us, so the machine's own floor (on a
    VM, a virtual CPU that went idle can take a millisecond to wake up). Target: under
@@ -394,6 +394,18 @@ def paced_busy(cpu: float) -> None:
             handing_over()
 
 
+def busy_as_long(calls: list[Call], spread: Spread) -> None:
+    """Per call, paced busy work for as much CPU time as the call took, then 20 ms: the
+    ticker's gaps go to `spread`."""
+    with Ticker() as ticker:
+        for call in calls:
+            start = time.monotonic()
+            paced_busy(call.cpu)
+            time.sleep(0.02)
+            end = time.monotonic()
+            spread.add(ticker.within(start, end), end - start, [(start, end)])
+
+
 def pauses(model: str, cycles: int) -> list[str]:
     module = module_from(WIDE)
     patch = wide_patch(module, f"wide-{model}")
@@ -404,6 +416,7 @@ def pauses(model: str, cycles: int) -> list[str]:
     least_whole = Spread("whole, 1-function patch")
     busy = Spread("paced busy loop, same CPU")
     built_whole = Spread("whole, built patch")
+    built_busy = Spread("paced busy, built's CPU")
     paused: list[float] = []
     outside = OutsideTicker()
     try:
@@ -422,26 +435,20 @@ def pauses(model: str, cycles: int) -> list[str]:
                         time.sleep(length)
                         end = time.monotonic()
                         base.add(ticker.within(start, end), end - start, [(start, end)])
-                # as much CPU time as each call took, as paced busy work; then 20 ms
-                with Ticker() as ticker:
-                    for call in calls:
-                        start = time.monotonic()
-                        paced_busy(call.cpu)
-                        time.sleep(0.02)
-                        end = time.monotonic()
-                        busy.add(ticker.within(start, end), end - start, [(start, end)])
+                busy_as_long(calls, busy)
                 with Ticker() as ticker:
                     for start, end, t, _ in apply_and_revert(one, model):
                         least.add_transitions(ticker, [t])
                         least_whole.add(ticker.within(start, end), end - start,
                                         [(start, end)])
                 with Ticker() as ticker:
-                    for start, end, _, _ in apply_and_revert(built, model):
-                        built_whole.add(ticker.within(start, end), end - start,
-                                        [(start, end)])
+                    built_calls = apply_and_revert(built, model)
+                for start, end, _, _ in built_calls:
+                    built_whole.add(ticker.within(start, end), end - start, [(start, end)])
+                busy_as_long(built_calls, built_busy)
     finally:
         outside.close()
-    spreads = (base, whole, inside, least, least_whole, busy, built_whole)
+    spreads = (base, whole, inside, least, least_whole, busy, built_whole, built_busy)
     for spread in spreads:
         spread.resolve(outside)
     lines = [s.line(model) for s in spreads]
@@ -541,7 +548,8 @@ def section_2(models: list[str], cycles: int) -> None:
     print("   '1-function patch': its transitions and whole calls, in the same cycles (the")
     print("   least a transition, or an apply, does); 'built patch': the same 100")
     print("   functions, each giving its old source as expect= (as livepatch build writes")
-    print("   it, so planning compiles and compares each), whole calls in the same cycles")
+    print("   it, so planning compiles and compares each), whole calls in the same cycles,")
+    print("   and a paced busy loop for as much CPU time as each of those calls took")
     for model in models:
         print("\n".join(pauses(model, cycles)), flush=True)
 

@@ -30,7 +30,8 @@ def test_bench_transition_pause_and_planning_sections() -> None:
               "--models", "hybrid")
     for label in ("no patching", "whole apply or revert", "inside transition",
                   "inside, 1-function patch", "whole, 1-function patch",
-                  "paced busy loop, same CPU", "whole, built patch"):
+                  "paced busy loop, same CPU", "whole, built patch",
+                  "paced busy, built's CPU"):
         assert re.search(rf"^hybrid +{re.escape(label)} +longest gap +{MS[:-3]} / +{MS}",
                          out, re.M), (label, out)
     assert re.search(rf"planning a 100-function patch .*median {MS}", out), out
