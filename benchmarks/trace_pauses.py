@@ -269,7 +269,7 @@ def report(data: dict[str, Any], gil: GIL, within: str = "transitions") -> None:
         print(f"\nevery hold of the GIL by the patching thread inside {WITHIN[within]}: "
               f"{len(held)}, median {held[len(held) // 2] * 1e3:.3f} ms, "
               f"90th percentile {held[int(0.9 * (len(held) - 1))] * 1e3:.3f} ms, "
-              f"longest {held[-1] * 1e3:.2f} ms")
+              f"longest {held[-1] * 1e3:.2f} ms, {sum(h > 0.001 for h in held)} over 1 ms")
     print("\nthe patching thread's holds in those waits, by the hand-overs around them:")
     for region, seconds in sorted(regions.items(), key=lambda kv: -kv[1])[:10]:
         print(f"  {seconds * 1e3:6.2f} ms  {region}")
