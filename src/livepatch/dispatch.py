@@ -92,7 +92,8 @@ _NO_FLAGS: dict[str, bool] = {}  # never written
 #: (builtins dict, name). Only code that runs a trampoline reads its state, and it holds
 #: the code: a frame that entered it, a generator or coroutine made from it and not yet
 #: started (which may first run minutes later). So a state may go once its code is gone.
-_tombstones: dict[weakref.ref[CodeType], tuple[dict[str, Any], str]] = {}
+#: Keyed by the reference's id: a code object hashes (slowly) by value
+_tombstones: dict[int, tuple[weakref.ref[CodeType], dict[str, Any], str]] = {}
 #: states whose trampoline code is gone. A code can die in any thread at any moment (a
 #: garbage collection): the callback only moves its entry here, and the sweep, at the
 #: start of a transition, takes the names out of the builtins
@@ -100,9 +101,9 @@ _buried: list[tuple[dict[str, Any], str]] = []
 
 
 def _bury(ref: weakref.ref[CodeType]) -> None:
-    where = _tombstones.pop(ref, None)
-    if where is not None:
-        _buried.append(where)
+    found = _tombstones.pop(id(ref), None)
+    if found is not None:
+        _buried.append(found[1:])
 
 
 def _sweep_tombstones() -> None:
@@ -327,6 +328,10 @@ class Record:
         self.blocking: Sequence[str] = ()
 
 
+#: no defaults and no kwdefaults (one shared pair rather than one per function)
+_NO_DEFAULTS = (None, None)
+
+
 @dataclass(eq=False, slots=True)
 class _Entry:
     """One live function object under dispatch."""
@@ -375,9 +380,6 @@ class _Entry:
         kw = self.saved_kwdefaults if version.kwdefaults is KEEP else version.kwdefaults
         return version.code, d, dict(kw) if kw else None
 
-
-#: no defaults and no kwdefaults (one shared pair rather than one per function)
-_NO_DEFAULTS = (None, None)
 
 _RUN_LOOP = {asyncio.BaseEventLoop.run_forever.__code__}
 #: Tasks show their context from 3.12 (``get_context``); on 3.11 a Task made with
@@ -574,8 +576,8 @@ class Universe:
                 # (no flags; every context "carries" its mark). Dropped once nothing
                 # holds the trampoline's code any more (_tombstones).
                 entry.builtins[entry.global_name] = entry.tombstone
-                _tombstones[weakref.ref(entry.trampoline, _bury)] = (
-                    entry.builtins, entry.global_name)
+                ref = weakref.ref(entry.trampoline, _bury)
+                _tombstones[id(ref)] = (ref, entry.builtins, entry.global_name)
                 # the state's slow path (a partial of this universe's method, holding the
                 # entry) makes a cycle: break it, so the transition's objects go with
                 # their last reference instead of waiting for the cyclic collector
