@@ -50,7 +50,7 @@ def functions(module: types.ModuleType) -> Iterator[tuple[str, types.FunctionTyp
 def recompile(module: types.ModuleType, qualname: str, fn: types.FunctionType, source: str):
     node = codegen.parse_def(source, qualname)
     ctx = codegen.Context.of(fn.__code__, qualname, module)
-    return codegen.compile_plain(node, ctx, "<recompiled>")
+    return codegen.compile_expected(node, ctx, "<recompiled>")
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -128,4 +128,25 @@ def test_a_replacement_taken_as_compiled_is_what_compiling_in_context_makes(name
         if fast != compiled or qualnames(fast) != qualnames(compiled):
             differ.append(qualname)
     assert taken > 5
+    assert differ == []
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_expected_source_compiled_alone_is_what_its_context_makes(name: str) -> None:
+    """The cheap path for expect= (the def compiled alone, where the context could not
+    change it) against the synthetic context, on every function of the module. It
+    answers for about 7 in 10 of the sixteen modules' functions (929 of 1,309 on 3.11)."""
+    module = importlib.import_module(name)
+    alone = 0
+    differ = []
+    for qualname, fn in functions(module):
+        node = codegen.parse_def(inspect.getsource(fn), qualname)
+        ctx = codegen.Context.of(fn.__code__, qualname, module)
+        code = codegen._compile_alone(node, ctx, "<expect>")
+        if code is None:
+            continue
+        alone += 1
+        if not same_code(code, codegen.compile_plain(node, ctx, "<expect>")):
+            differ.append(qualname)
+    assert alone > 0
     assert differ == []

@@ -617,7 +617,7 @@ def _verify(spec: FunctionSpec, ctx: codegen.Context, slot: Slot) -> tuple[bool,
             f"is {original.co_name!r}; rebuild the patch"
         )
     try:
-        expected = codegen.compile_plain(node, ctx, f"<expect of {spec.target}>")
+        expected = codegen.compile_expected(node, ctx, f"<expect of {spec.target}>")
     except PatchError as exc:
         raise FingerprintMismatch(f"{spec.target}: expect= does not compile: {exc}") from None
     if not any(same_code(expected, v.code) for v in candidates):

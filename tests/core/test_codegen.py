@@ -17,6 +17,7 @@ import pytest
 
 from livepatch import codegen
 from livepatch.errors import PatchError, UnsafeChange
+from livepatch.fingerprint import same_code
 
 core = importlib.import_module("livepatch.core")
 
@@ -251,3 +252,31 @@ def test_a_replacement_that_needs_its_context_is_compiled(
         assert not same_but_first_line(code.replace(co_flags=compiled.co_flags,
                                                     co_filename="shown.py",
                                                     co_qualname=ctx.qualname), compiled)
+
+
+CONTEXTS = {
+    "function": codegen.Context("f", (), None, 0),
+    "method": codegen.Context("Cart.f", (), "Cart", 0),
+    "imports": codegen.Context("f", (), None, 0, ("j", "os", "sys")),
+    "future": codegen.Context("f", (), None, codegen._FUTURE_MASK & 0x1000000),
+    "free variable": codegen.Context("f", ("cell",), None, 0),
+}
+
+
+@pytest.mark.parametrize("where", CONTEXTS)
+@pytest.mark.parametrize("name", ["plain", "busy", "shadows", "generator", "coroutine",
+                                  "matches", "private"])
+def test_expected_source_compiles_to_what_its_context_makes(name: str, where: str) -> None:
+    """expect= is compiled alone when its context could not change it (the cheap path);
+    either way the code equals what compiling in the target's context makes."""
+    _, nodes = patch_file()
+    ctx = CONTEXTS[where]
+    expected = codegen.compile_expected(nodes[name], ctx, "<expect>")
+    assert same_code(expected, codegen.compile_plain(nodes[name], ctx, "<expect>"))
+    alone = codegen._compile_alone(nodes[name], ctx, "<expect>")
+    needs_context = (
+        where == "free variable"
+        or (where == "method" and name == "private")  # self.__secret is mangled
+        or (where == "imports" and name in ("busy", "shadows"))  # they use os or j
+    )
+    assert (alone is None) == needs_context

@@ -298,7 +298,7 @@ def _expect_literal(old: ModuleModel, rep: Replacement) -> str:
     ctx = _context(old, code, rep.old.qualname)
     try:
         node = codegen.parse_def(text, f"expect of {rep.target}")
-        compiled = codegen.compile_plain(node, ctx, f"<expect of {rep.target}>")
+        compiled = codegen.compile_expected(node, ctx, f"<expect of {rep.target}>")
         if same_code(compiled, code):
             return emit.string_literal(text)
     except PatchError:
