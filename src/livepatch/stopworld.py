@@ -16,7 +16,9 @@ A parked thread blocks on a gate lock without the GIL. A thread blocked in a C c
 (I/O, a lock, ``sleep``) cannot park until it returns; when it does, it runs at most a few
 bytecodes of its current frame before its next event — it cannot enter a function without
 parking first — so the stack the checker saw holds no frame it could start running old
-code in. A thread inside one of the patch's functions is let run until it is out of it
+code in. A thread that is merely waiting for the GIL or a CPU would do the same, so
+settling waits for it (it stands between two bytecodes; see :func:`_waiting_to_run`).
+A thread inside one of the patch's functions is let run until it is out of it
 (``avoid``): stopping it there would only fail the attempt.
 
 While the world is parked the patching thread must not take any lock another thread might
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import _thread
 import ctypes
+import dis
 import gc
 import sys
 import threading
@@ -76,6 +79,34 @@ def _park() -> None:
 def _parked_now() -> int:
     generation = _generation
     return sum(1 for g in list(_parked.values()) if g == generation)
+
+
+#: where a thread that gave the GIL up between two bytecodes (CPython's eval breaker)
+#: stands: at a loop's backward jump (3.11 also has conditional ones), or at the start of
+#: a frame. Such a thread is waiting only for the GIL or a CPU, not blocked in a C call.
+_BETWEEN = frozenset(
+    op
+    for name, op in dis.opmap.items()
+    if name == "RESUME" or ("JUMP_BACKWARD" in name and not name.endswith("NO_INTERRUPT"))
+)
+
+
+def _waiting_to_run() -> bool:
+    """Whether a thread not parked yet stands between two bytecodes (:data:`_BETWEEN`).
+
+    It parks at its next event once it runs, but it runs the bytecodes up to that event
+    first: a spinning loop one more iteration. So settling waits for it, where a thread
+    blocked in a C call is not waited for (it may block for ever), nor one inside a
+    function of the patch (it is let run until it is out, however long that takes).
+    """
+    generation, me = _generation, _get_ident()
+    for ident, frame in sys._current_frames().items():
+        if ident == me or _parked.get(ident) == generation or id(frame.f_code) in _avoid:
+            continue
+        lasti = frame.f_lasti
+        if lasti >= 0 and frame.f_code.co_code[lasti] in _BETWEEN:
+            return True
+    return False
 
 
 #: id() of code objects a thread should leave before it parks (the patch's functions)
@@ -304,9 +335,10 @@ def parked(settle: float = 0.02, avoid: Iterable[Any] = ()) -> Iterator[Pause]:
                 now, count = time.perf_counter(), _parked_now()
                 if count != last:
                     last, changed = count, now
-                # no thread parked for QUIET seconds: the rest are blocked in C calls
-                # (or waiting for a CPU; they park at their next event all the same)
-                if now - changed >= QUIET or now >= deadline:
+                # no thread parked for QUIET seconds: the rest are blocked in C calls,
+                # unless one stands between two bytecodes, waiting for a CPU (a busy
+                # machine): it would run a little before parking, so wait for it too
+                if now >= deadline or (now - changed >= QUIET and not _waiting_to_run()):
                     break
             pause.settle = time.perf_counter() - t0
             pause.parked = _parked_now()
