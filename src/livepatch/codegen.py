@@ -199,7 +199,8 @@ def compile_plain(node: FunctionNode, ctx: Context, filename: str) -> CodeType:
 def compile_expected(node: FunctionNode, ctx: Context, filename: str) -> CodeType:
     """What `node` compiles to in `ctx`, for comparing with live code (:func:`same_code
     <livepatch.fingerprint.same_code>`): :func:`compile_plain`'s code up to its qualified
-    name and the flag saying it was nested.
+    name, its line numbers (a decorator's line may come first) and the flag saying it was
+    nested, none of which that comparison looks at.
 
     Every function of a built patch gives its old source as ``expect=``, and compiling
     each in the synthetic context was two thirds of planning such a patch. Most need none
