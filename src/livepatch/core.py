@@ -159,6 +159,17 @@ def patches() -> list[AppliedPatch]:
         return [_view(r) for r in _applied]
 
 
+def snapshot() -> tuple[list[AppliedPatch], Transition | None]:
+    """The applied patches and the transition in flight, read together.
+
+    Apply lists its patch and then starts its transition, both under :data:`LOCK`; a
+    transition read apart from the list could be missing while the list already holds
+    its patch, "transitioning" (status taken while the trampolines were being built).
+    """
+    with LOCK:
+        return patches(), transition.transition()
+
+
 def _view(r: _Record) -> AppliedPatch:
     return AppliedPatch(
         name=r.patch.name,

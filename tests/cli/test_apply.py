@@ -87,7 +87,7 @@ def test_cli_killed_mid_transition_leaves_the_target_to_finish(lp, target) -> No
 
         wait_for(in_flight, timeout=20, what="the transition to start")
         # a thread is inside greeter.slow: the transition must wait for it
-        assert seen["status"]["transition"] is not None, seen["status"]
+        assert seen["status"]["transition"] is not None, seen["status"]["patches"]
         apply.send_signal(signal.SIGKILL)
         apply.wait(timeout=10)
         blocked = seen["status"]["transition"]

@@ -93,14 +93,14 @@ def hello(state: AgentState, request: Request) -> dict[str, Any]:
 
 
 def status(state: AgentState, request: Request) -> dict[str, Any]:
-    import livepatch
+    from livepatch import core
 
-    current = livepatch.transition()
+    applied, current = core.snapshot()
     return protocol.result(
         pid=os.getpid(),
         argv=list(sys.argv),
         program=state.records.key,
-        patches=[_applied_dict(p) for p in livepatch.patches()],
+        patches=[_applied_dict(p) for p in applied],
         pending=state.deferred.describe(),
         transition=current.to_dict() if current is not None else None,
         signatures_required=state.trusted.required,
