@@ -89,7 +89,7 @@ def test_no_thread_runs_python_while_parked_on_a_busy_machine():
     """Two processes keep both CPUs busy, so a spinner is often still waiting for a CPU
     when no thread has parked for a while. Before settling waited for such threads, 5 to
     7% of pauses on 3.12 and 3.13 saw a spinner run one more iteration (scratch runs of
-    30 s each); this test failed 3 of 4 runs on 3.12.
+    30 s each); this test failed 4 of 4 runs on 3.12.
 
     Spinners only: a thread blocked in a C call (a sleeper) is not waited for, by design
     (it may never return), so on a starved machine it may still run the rest of its
@@ -105,7 +105,7 @@ def test_no_thread_runs_python_while_parked_on_a_busy_machine():
                     after = list(s.counts)
                 if before != after:
                     ran.append(f"{pause.parked} of {pause.others} parked")
-                time.sleep(0.01)  # the spinners run again and the sleepers sleep
+                time.sleep(0.01)  # the spinners run again
         assert ran == []
     finally:
         for p in busy:
