@@ -13,10 +13,11 @@ does: make every other thread call back into us at its next *event* and block th
   thread parks at its next ``call``/``line``/``return`` event.
 
 A parked thread blocks on a gate lock without the GIL. A thread blocked in a C call
-(I/O, a lock, ``sleep``) cannot park until it returns; when it does, it runs at most a few
-bytecodes of its current frame before its next event — it cannot enter a function without
-parking first — so the stack the checker saw holds no frame it could start running old
-code in. A thread that is merely waiting for the GIL or a CPU would do the same, so
+(I/O, a lock, ``sleep``) cannot park until it returns; when it does, it finishes at most
+the line it was on (3.12+ gives the code it returns into ``LINE`` events for the pause;
+3.11's trace function sees lines anyway) — it cannot enter a function without parking
+first — so the stack the checker saw holds no frame it could start running old code in.
+A thread that is merely waiting for the GIL or a CPU would run a few bytecodes too, so
 settling waits for it (it stands between two bytecodes; see :func:`_waiting_to_run`).
 A thread inside one of the patch's functions is let run until it is out of it
 (``avoid``): stopping it there would only fail the attempt.
@@ -99,14 +100,20 @@ def _waiting_to_run() -> bool:
     blocked in a C call is not waited for (it may block for ever), nor one inside a
     function of the patch (it is let run until it is out, however long that takes).
     """
+    return any(
+        f.f_lasti >= 0 and f.f_code.co_code[f.f_lasti] in _BETWEEN for f in _unparked()
+    )
+
+
+def _unparked() -> list[Any]:
+    """The top frame of every other thread not parked yet, except threads inside one of
+    the patch's functions (let run until they are out)."""
     generation, me = _generation, _get_ident()
-    for ident, frame in sys._current_frames().items():
-        if ident == me or _parked.get(ident) == generation or id(frame.f_code) in _avoid:
-            continue
-        lasti = frame.f_lasti
-        if lasti >= 0 and frame.f_code.co_code[lasti] in _BETWEEN:
-            return True
-    return False
+    return [
+        frame
+        for ident, frame in sys._current_frames().items()
+        if ident != me and _parked.get(ident) != generation and id(frame.f_code) not in _avoid
+    ]
 
 
 #: id() of code objects a thread should leave before it parks (the patch's functions)
@@ -126,6 +133,14 @@ def _on_step(code: Any, *args: Any) -> Any:
     # CALL / JUMP: park only outside the patch; a thread inside it runs on until it is
     # out (its callers' next call or loop), so one busy caller does not fail every attempt.
     if _active and _get_ident() != _patcher and id(code) not in _avoid:
+        _park()
+    return None
+
+
+def _on_line(code: Any, line: int) -> Any:
+    # LINE, set only on the code a thread blocked in a C call will return into (see
+    # _Monitoring.catch_returns): it parks at the start of the next line
+    if _active and _get_ident() != _patcher:
         _park()
     return None
 
@@ -151,6 +166,8 @@ class _Monitoring:
 
     def __init__(self) -> None:
         self.tool: int | None = None
+        #: code objects given LINE events by catch_returns, to take them off again
+        self.lines: list[Any] = []
 
     def arm(self) -> None:
         mon = _monitoring
@@ -170,14 +187,28 @@ class _Monitoring:
             mon.register_callback(self.tool, event, callback)
             mask |= event
         mon.set_events(self.tool, mask)
+        mon.register_callback(self.tool, ev.LINE, _on_line)
+
+    def catch_returns(self, frames: Iterable[Any]) -> None:
+        """LINE events on the code of `frames` (the top frames of threads blocked in C
+        calls): returning inside the pause, such a thread parks at its next line instead
+        of running on to its next call or loop jump."""
+        mon = _monitoring
+        assert self.tool is not None
+        for code in {f.f_code for f in frames}:
+            mon.set_local_events(self.tool, code, mon.events.LINE)
+            self.lines.append(code)
 
     def disarm(self) -> None:
         mon = _monitoring
         if self.tool is None:
             return
+        for code in self.lines:
+            mon.set_local_events(self.tool, code, 0)
+        self.lines = []
         mon.set_events(self.tool, 0)
         ev = mon.events
-        for event in (ev.PY_START, ev.PY_RESUME, ev.CALL, ev.JUMP):
+        for event in (ev.PY_START, ev.PY_RESUME, ev.CALL, ev.JUMP, ev.LINE):
             mon.register_callback(self.tool, event, None)
         mon.free_tool_id(self.tool)
         self.tool = None
@@ -244,6 +275,9 @@ class _TraceHooks:
             previous = _read_tracer(ts)  # a debugger's or coverage's: put back on disarm
             if self.api._PyEval_SetTrace(ts, func, id(None)) == 0:
                 self.armed[ts] = previous
+
+    def catch_returns(self, frames: Iterable[Any]) -> None:
+        """Nothing to do: the trace function already parks a thread at its next line."""
 
     def disarm(self) -> None:
         # only thread states that still exist: a thread may have ended meanwhile
@@ -342,6 +376,7 @@ def parked(settle: float = 0.02, avoid: Iterable[Any] = ()) -> Iterator[Pause]:
                     break
             pause.settle = time.perf_counter() - t0
             pause.parked = _parked_now()
+            hooks.catch_returns(_unparked())
             yield pause
         finally:
             _active = False

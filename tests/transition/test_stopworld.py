@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -58,7 +59,7 @@ def test_no_other_thread_runs_python_while_parked():
                 after = list(s.counts)
             assert before == after, "a thread ran Python code inside the pause"
             # on a loaded machine a sleeper may still be inside its sleep (a C call, not
-            # waited for) when settling ends; it parks at its loop's next event
+            # waited for) when settling ends; it parks at its next line
             assert pause.others >= 8 and pause.parked >= 1
             assert 0.03 <= pause.duration < 1.0
         moved = list(s.counts)
@@ -89,15 +90,13 @@ def test_no_thread_runs_python_while_parked_on_a_busy_machine():
     """Two processes keep both CPUs busy, so a spinner is often still waiting for a CPU
     when no thread has parked for a while. Before settling waited for such threads, 5 to
     7% of pauses on 3.12 and 3.13 saw a spinner run one more iteration (scratch runs of
-    30 s each); this test failed 4 of 4 runs on 3.12.
-
-    Spinners only: a thread blocked in a C call (a sleeper) is not waited for, by design
-    (it may never return), so on a starved machine it may still run the rest of its
-    loop's line after the sleep returns (2 of 3,000 pauses, scratch runs)."""
+    30 s each); with spinners only, this test failed 4 of 4 runs on 3.12. A sleeper
+    whose sleep returned inside the pause ran its next line until the code it returns
+    into got LINE events (2 of about 3,000 pauses in scratch runs; 0 of 2,041 since)."""
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
     try:
         ran = []
-        with _Spinners(spinning=4, sleeping=0) as s:
+        with _Spinners() as s:
             for _ in range(40):
                 with stopworld.parked() as pause:
                     before = list(s.counts)
@@ -105,12 +104,42 @@ def test_no_thread_runs_python_while_parked_on_a_busy_machine():
                     after = list(s.counts)
                 if before != after:
                     ran.append(f"{pause.parked} of {pause.others} parked")
-                time.sleep(0.01)  # the spinners run again
+                time.sleep(0.01)  # the threads run again
         assert ran == []
     finally:
         for p in busy:
             p.kill()
             p.wait(5)
+
+
+def test_a_thread_returning_from_a_c_call_inside_the_pause_stops_at_its_next_line():
+    """Settling does not wait for a thread blocked in a C call; if the call returns inside
+    the pause, the thread parks at its next line, before running it (here: before the
+    count, which calls nothing, so no call or jump event would catch it first)."""
+    r, w = os.pipe()
+    count = [0]
+
+    def read_then_count() -> None:
+        os.read(r, 1)
+        count[0] += 1
+
+    reader = threading.Thread(target=read_then_count, name="lptest-reader")
+    reader.start()
+    try:
+        time.sleep(0.05)
+        with stopworld.parked() as pause:
+            os.write(w, b"x")
+            time.sleep(0.05)  # the GIL is free: os.read returns now
+            inside = count[0]
+        reader.join(5)
+        assert pause.parked == pause.others - 1  # the reader was blocked in os.read
+        assert inside == 0, "the reader ran its next line inside the pause"
+        assert count[0] == 1
+    finally:
+        os.write(w, b"x")
+        reader.join(5)
+        os.close(r)
+        os.close(w)
 
 
 def test_parking_survives_threads_blocked_in_c():
