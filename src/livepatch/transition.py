@@ -184,9 +184,9 @@ class Transition:
         self._t1: float | None = None
         #: when the worker gives up (reset when the transition is turned around)
         self._deadline = self._t0 + timeout
-        self.tasks_total = 0
-        self.tasks_switched = 0
-        self.blockers: list[Blocker] = []
+        #: (blockers, tasks in all, tasks switched), replaced as one: another thread
+        #: (``livepatch status``) reads them while the worker moves on
+        self._progress: tuple[list[Blocker], int, int] = ([], 0, 0)
         self.error: PatchError | None = None
         #: longest time the world was stopped (stop model), seconds
         self.paused: float = 0.0
@@ -197,6 +197,22 @@ class Transition:
         self._requests: set[str] = set()  # "reverse", "force": handled by the worker
         self._universe: dispatch.Universe | None = None
         self._worker: threading.Thread | None = None
+
+    @property
+    def blockers(self) -> list[Blocker]:
+        """The tasks (and lingering generators) the transition waits for, with where."""
+        return self._progress[0]
+
+    @property
+    def tasks_total(self) -> int:
+        return self._progress[1]
+
+    @property
+    def tasks_switched(self) -> int:
+        return self._progress[2]
+
+    def _report(self, blockers: list[Blocker], total: int, switched: int) -> None:
+        self._progress = (blockers, total, switched)
 
     @property
     def elapsed(self) -> float:
@@ -240,15 +256,16 @@ class Transition:
         self._done.set()
 
     def to_dict(self) -> dict[str, Any]:
+        blockers, total, switched = self._progress
         return {
             "patch": self.patch,
             "model": self.model.value,
             "direction": self.direction.value,
             "state": self.state.value,
             "elapsed": round(self.elapsed, 6),
-            "tasks_total": self.tasks_total,
-            "tasks_switched": self.tasks_switched,
-            "blockers": [b.to_dict() for b in self.blockers],
+            "tasks_total": total,
+            "tasks_switched": switched,
+            "blockers": [b.to_dict() for b in blockers],
             "forced": self.forced,
             "reversed": self.reversed,
             "paused": self.paused,
@@ -395,7 +412,7 @@ def _label(t: Transition) -> str:
 
 def _complete(t: Transition) -> None:
     """After finalize: clear the slot, run post callbacks, then report done."""
-    t.blockers = []
+    t._report([], t.tasks_total, t.tasks_switched)
     _clear(t)
     log.info("%s transition completed (%s, %.1f ms)", _label(t), t.model.value,
              t.elapsed * 1e3)
@@ -515,12 +532,11 @@ def _run_stop(t: Transition) -> None:
             return
         if finalized:
             t.forced = forced
-            t.tasks_total = t.tasks_switched = pause.others + 1
+            t._report([], pause.others + 1, pause.others + 1)
             _complete(t)
             return
-        t.blockers = blockers
-        t.tasks_total = pause.others + 1
-        t.tasks_switched = t.tasks_total - len({b.task for b in blockers})
+        total = pause.others + 1
+        t._report(blockers, total, total - len({b.task for b in blockers}))
         if time.monotonic() + delay > t._deadline:
             error = TransitionTimeout(_timeout_message(t, "activeness safety check failed"))
             log.warning("%s", error)
@@ -594,9 +610,7 @@ def _update(t: Transition) -> None:
     # the heap walk for suspended ones only once no task is behind: until then the
     # transition cannot end anyway, and behind tasks' own frames are checked already
     blockers += [b for b in _enclosing_holders(t, gens=not pending) if b.task not in named]
-    t.blockers = blockers
-    t.tasks_total = u.total
-    t.tasks_switched = u.switched()
+    t._report(blockers, u.total, u.switched())
 
 
 def _enclosing_holders(t: Transition, *, gens: bool) -> list[Blocker]:
@@ -689,7 +703,8 @@ def _end_dispatch(t: Transition, *, forced: bool = False) -> bool:
         return True
     error = t.error
     t.hooks.unwind(t, error)
-    t.blockers = [] if error is None else t.blockers
+    if error is None:
+        t._report([], t.tasks_total, t.tasks_switched)
     log.info("%s transition reversed", _label(t))
     _clear(t)
     t._finish(State.REVERSED, error)

@@ -29,11 +29,14 @@ def test_a_transitioning_patch_is_never_seen_without_its_transition(tmp_module):
         f"import livepatch\npatch = livepatch.Patch('watched')\n{body}", filename="<watched>"
     )
     stop = threading.Event()
-    seen = {"transitioning": 0, "alone": 0}
+    seen = {"transitioning": 0, "alone": 0, "miscounted": 0}
 
     def watch() -> None:
         while not stop.is_set():
             applied, current = core.snapshot()
+            if current is not None:
+                view = current.to_dict()  # its counts are replaced as one, not one by one
+                seen["miscounted"] += view["tasks_switched"] > view["tasks_total"]
             for p in applied:
                 if p.state == "transitioning":
                     seen["transitioning"] += 1
@@ -59,3 +62,4 @@ def test_a_transitioning_patch_is_never_seen_without_its_transition(tmp_module):
     assert m.f7(10) == 17
     assert seen["transitioning"] > 0  # it did watch transitions
     assert seen["alone"] == 0
+    assert seen["miscounted"] == 0
