@@ -213,7 +213,7 @@ def compile_expected(node: FunctionNode, ctx: Context, filename: str) -> CodeTyp
 
 def _compile_alone(node: FunctionNode, ctx: Context, filename: str) -> CodeType | None:
     """`node` compiled as the only statement of a module, if the target's context could
-    not change its code (else None: see :func:`compiled_already` for the rule)."""
+    not change its code (else None: see :func:`_needs_context`)."""
     if ctx.freevars or getattr(node, "type_params", None):
         return None
     try:
@@ -227,11 +227,7 @@ def _compile_alone(node: FunctionNode, ctx: Context, filename: str) -> CodeType 
         (c for c in module.co_consts if isinstance(c, CodeType) and c.co_name == node.name),
         None,
     )
-    if code is None or code.co_freevars:
-        return None
-    if ctx.class_name and _needs_its_class(code):
-        return None
-    if ctx.imports and not _names(code).isdisjoint(ctx.imports):
+    if code is None or _needs_context(code, ctx, source_imports=()):
         return None
     return code
 
@@ -255,16 +251,8 @@ def compiled_already(
     functions and methods, ``tests/test_fingerprint_stdlib.py`` for every function and
     method of sixteen stdlib modules that this takes (1,148 of 1,306).
     """
-    if ctx.freevars or code.co_freevars or code.co_qualname != code.co_name:
+    if code.co_qualname != code.co_name or _needs_context(code, ctx, source_imports):
         return None
-    if ctx.class_name and _needs_its_class(code):
-        return None
-    if code.co_flags & _FUTURE_MASK != ctx.flags:
-        return None
-    if ctx.imports or source_imports:
-        theirs, ours = set(ctx.imports), set(source_imports)
-        if any((n in theirs) != (n in ours) for n in _names(code)):
-            return None
     return _rehome(code, code.co_qualname, ctx.qualname, filename).replace(
         co_flags=code.co_flags | _CO_NESTED
     )
@@ -272,6 +260,23 @@ def compiled_already(
 
 #: compiled in the synthetic context, the def is nested in a function; the flag says so
 _CO_NESTED = 0x10
+
+
+def _needs_context(code: CodeType, ctx: Context, source_imports: tuple[str, ...]) -> bool:
+    """Whether compiling `code`'s source in `ctx` could give other code than compiling it
+    in a file whose top level imports `source_imports`: free variables on either side,
+    something a class changes, other ``__future__`` flags, or a name imported in one file
+    and not the other."""
+    if ctx.freevars or code.co_freevars:
+        return True
+    if ctx.class_name and _needs_its_class(code):
+        return True
+    if code.co_flags & _FUTURE_MASK != ctx.flags:
+        return True
+    if ctx.imports or source_imports:
+        theirs, ours = set(ctx.imports), set(source_imports)
+        return any((n in theirs) != (n in ours) for n in _names(code))
+    return False
 
 
 def _names(code: CodeType) -> set[str]:
