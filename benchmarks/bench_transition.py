@@ -35,9 +35,15 @@
 4. How long the heap scan takes that a patch replacing a generator or coroutine function
    does at the start of its transition (``gc.get_referrers``, one C call during which no
    other thread runs), per million objects the garbage collector tracks.
+5. The floor of section 2 by the length of the work: in section 2's scene (4 callers, the
+   ticker), paced busy loops of 1 to 20 ms of CPU time, each window the loop and the
+   20 ms after it, like a whole call; and the CPU time an apply and a revert of the
+   100-function patch take in the same scene. The longer the work, the more hand-overs,
+   and the more often one of them meets the machine's slowest wake-up: this says what
+   longest gap work as long as an apply meets here however well it hands over.
 
     .venv/bin/python benchmarks/bench_transition.py [--cycles N] [--models hybrid,stop]
-        [--sections 1,2,3,4]
+        [--sections 1,2,3,4,5]
 """
 
 from __future__ import annotations
@@ -461,8 +467,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=10)
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--sections", default="1,2,3,4",
-                        help="which sections to run: 1, 2, 3, 4")
+    parser.add_argument("--sections", default="1,2,3,4,5",
+                        help="which sections to run: 1, 2, 3, 4, 5")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     logging.getLogger("livepatch").setLevel(logging.ERROR)  # "not verified" warnings
@@ -476,6 +482,8 @@ def main() -> None:
         section_3(args.cycles)
     if "4" in sections:
         section_4()
+    if "5" in sections:
+        section_5(args.cycles)
 
 
 def section_1(models: list[str], cycles: int) -> None:
@@ -536,6 +544,42 @@ def section_4() -> None:
     print(f"\n4. heap scan for suspended coroutines of a patched function, {tracked:,} tracked "
           f"objects: median {statistics.median(times) * 1e3:.1f} ms over 5, "
           f"{statistics.median(times) * 1e3 / (tracked / 1e6):.1f} ms per million")
+
+
+#: section 5's lengths of paced busy work (seconds of CPU time)
+FLOOR_LENGTHS = (0.001, 0.0025, 0.005, 0.01, 0.02)
+
+
+def section_5(cycles: int) -> None:
+    module = module_from(WIDE)
+    patch = wide_patch(module, "wide-floor")
+    gaps: dict[float, list[float]] = {cpu: [] for cpu in FLOOR_LENGTHS}
+    cpu_of: dict[str, list[float]] = {"apply": [], "revert": []}
+    with wide_callers(module):
+        # three windows per length per cycle, lengths interleaved so that the machine's
+        # noise hits them alike
+        for _ in range(3 * cycles):
+            with Ticker() as ticker:
+                for cpu in FLOOR_LENGTHS:
+                    start = time.monotonic()
+                    paced_busy(cpu)
+                    time.sleep(0.02)
+                    gaps[cpu].append(max(ticker.within(start, time.monotonic()), default=0.0))
+        for _ in range(cycles):
+            apply_call, revert_call = apply_and_revert(patch, "hybrid")
+            cpu_of["apply"].append(apply_call.cpu)
+            cpu_of["revert"].append(revert_call.cpu)
+    print("\n5. the floor by length: paced busy work in section 2's scene (4 callers, the")
+    print("   ticker); per window (the work and 20 ms after), the ticker's longest gap:")
+    print("   median, 75th percentile over the windows, windows over 1 ms")
+    for cpu, xs in gaps.items():
+        xs.sort()
+        print(f"   {cpu * 1e3:4.1f} ms of CPU time  longest gap {statistics.median(xs) * 1e3:.2f} "
+              f"ms, p75 {xs[len(xs) * 3 // 4] * 1e3:.2f} ms, over 1 ms in "
+              f"{sum(x > 0.001 for x in xs)} of {len(xs)}")
+    print("   the 100-function patch in the same scene, CPU time of the calling thread: "
+          + ", ".join(f"{action} median {statistics.median(xs) * 1e3:.1f} ms"
+                      for action, xs in cpu_of.items()))
 
 
 def section_2(models: list[str], cycles: int) -> None:

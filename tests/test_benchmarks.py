@@ -39,6 +39,15 @@ def test_bench_transition_pause_and_planning_sections() -> None:
     assert re.search(rf"its hybrid transition, no other thread: apply median {MS}", out), out
 
 
+def test_bench_transition_floor_by_length() -> None:
+    out = run("bench_transition.py", "--cycles", "1", "--sections", "5")
+    for length in ("1.0", "2.5", "5.0", "10.0", "20.0"):
+        assert re.search(rf"^ +{re.escape(length)} ms of CPU time +longest gap {MS}, p75 {MS}, "
+                         r"over 1 ms in \d of 3$", out, re.M), (length, out)
+    assert re.search(rf"CPU time of the calling thread: apply median {MS[:-3]} ms, "
+                     rf"revert median {MS[:-3]} ms", out), out
+
+
 def test_phase_pauses_splits_each_call_at_the_engine_log_lines() -> None:
     out = run("phase_pauses.py", "--cycles", "1")
     for phase in ("apply: from call", "apply: from verified 0 of 100 function(s)",
