@@ -237,6 +237,16 @@ def report(data: dict[str, Any], gil: GIL, within: str = "transitions") -> None:
     who: dict[str, float] = collections.defaultdict(float)
     regions: dict[str, float] = collections.defaultdict(float)
     longest_free = 0.0
+
+    def region_of(x: float, y: float) -> str:
+        """The hand-overs around a hold of the patching thread, and [gc] if one ran in it."""
+        i = bisect.bisect_left(nap_starts, x)
+        region = (f"{naps[i - 1][2] if i else 'start'} .. "
+                  f"{naps[i][2] if i < len(naps) else 'end'}")
+        if any(s < y and e > x for s, e, _ in collections_):
+            region += " [gc]"
+        return region
+
     for a, b in long_waits:
         cursor = a
         for x, y, tid in gil.during(a, b):
@@ -248,12 +258,7 @@ def report(data: dict[str, Any], gil: GIL, within: str = "transitions") -> None:
                 who["other threads"] += y - x
                 continue
             who["the patching thread"] += y - x
-            i = bisect.bisect_left(nap_starts, x)
-            region = (f"{naps[i - 1][2] if i else 'start'} .. "
-                      f"{naps[i][2] if i < len(naps) else 'end'}")
-            if any(s < y and e > x for s, e, _ in collections_):
-                region += " [gc]"
-            regions[region] += y - x
+            regions[region_of(x, y)] += y - x
         if b > cursor:
             who["nobody (dropped, not yet taken)"] += b - cursor
             longest_free = max(longest_free, b - cursor)
@@ -264,12 +269,16 @@ def report(data: dict[str, Any], gil: GIL, within: str = "transitions") -> None:
     for key in ("the patching thread", "other threads", "nobody (dropped, not yet taken)"):
         print(f"  {key:<32} {who[key] * 1e3:7.1f} ms")
     print(f"  (the longest stretch with nobody holding it: {longest_free * 1e3:.2f} ms)")
-    held = sorted(y - x for a, b in windows for x, y, tid in gil.during(a, b) if tid == main)
+    holds = sorted((y - x, x) for a, b in windows for x, y, tid in gil.during(a, b)
+                   if tid == main)
+    held = [length for length, _ in holds]
     if held:
         print(f"\nevery hold of the GIL by the patching thread inside {WITHIN[within]}: "
               f"{len(held)}, median {held[len(held) // 2] * 1e3:.3f} ms, "
               f"90th percentile {held[int(0.9 * (len(held) - 1))] * 1e3:.3f} ms, "
               f"longest {held[-1] * 1e3:.2f} ms, {sum(h > 0.001 for h in held)} over 1 ms")
+        print("  the longest, by the hand-overs around them: " + "; ".join(
+            f"{length * 1e3:.2f} ms {region_of(x, x + length)}" for length, x in holds[-6:][::-1]))
     print("\nthe patching thread's holds in those waits, by the hand-overs around them:")
     for region, seconds in sorted(regions.items(), key=lambda kv: -kv[1])[:10]:
         print(f"  {seconds * 1e3:6.2f} ms  {region}")

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from types import CodeType, FunctionType, ModuleType
 from typing import Any, TypedDict
 
+from livepatch import toplevel
 from livepatch.errors import PatchError, UnsafeChange
 
 _CONTEXT_NAME = "__livepatch_context__"
@@ -83,17 +84,8 @@ def module_future_flags(module: ModuleType) -> int:
     filename = getattr(module, "__file__", None)
     lines = linecache.getlines(filename, module.__dict__) if filename else []
     if lines:
-        try:
-            tree = ast.parse("".join(lines))
-        except SyntaxError:
-            tree = None
-        if tree is not None:
-            flags = 0
-            for node in tree.body:
-                if isinstance(node, ast.ImportFrom) and node.module == "__future__":
-                    for alias in node.names:
-                        feature = getattr(__future__, alias.name, None)
-                        flags |= getattr(feature, "compiler_flag", 0)
+        flags = toplevel.future_flags("".join(lines))
+        if flags is not None:
             return flags
     for value in vars(module).values():
         code = getattr(value, "__code__", None)
@@ -122,31 +114,12 @@ def imports_in(filename: str, lines: Sequence[str]) -> tuple[str, ...]:
     if seen is not None and seen[1] == digest:
         found = seen[2]
     else:
-        try:
-            tree = ast.parse(text)
-        except SyntaxError:
+        names = toplevel.imported_names(text)  # parsed piece by piece: see toplevel
+        if names is None:
             return ()
-        names: set[str] = set()
-        _collect_imports(tree.body, names)
-        found = tuple(sorted(names))
+        found = names
     _imports[filename] = (lines, digest, found)
     return found
-
-
-def _collect_imports(body: list[ast.stmt], names: set[str]) -> None:
-    for node in body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            continue
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            for alias in node.names:
-                if alias.name != "*":
-                    names.add(alias.asname or alias.name.split(".")[0])
-            continue
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.stmt):
-                _collect_imports([child], names)
-            elif isinstance(child, ast.ExceptHandler):
-                _collect_imports(child.body, names)
 
 
 def enclosing_class(qualname: str) -> str | None:
