@@ -48,6 +48,12 @@ def test_bench_transition_floor_by_length() -> None:
                      rf"revert median {MS[:-3]} ms", out), out
 
 
+def test_bench_transition_first_apply_in_fresh_processes() -> None:
+    out = run("bench_transition.py", "--cycles", "1", "--sections", "6")
+    for label in ("load and apply, first time", "load and apply again", "no patching, as long"):
+        assert re.search(rf"^ +{re.escape(label)} +{MS[:-3]} / +{MS}$", out, re.M), (label, out)
+
+
 def test_phase_pauses_splits_each_call_at_the_engine_log_lines() -> None:
     out = run("phase_pauses.py", "--cycles", "1")
     for phase in ("apply: from call", "apply: from verified 0 of 100 function(s)",

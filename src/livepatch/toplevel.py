@@ -57,12 +57,14 @@ _IMPORT = re.compile(r"\bimport\b")
 _DEF_OR_CLASS = re.compile(r"(?:@|def\b|class\b|async\s+def\b)")
 #: what :func:`_code_end` looks at: a comment, or the opening quote of a string
 _QUOTE_OR_COMMENT = re.compile(r"#|'''|\"\"\"|'|\"")
-#: a string's rest, up to its closing quote (a single-quoted one ends at a line's end)
+#: a string's rest, up to its closing quote (a single-quoted one ends at a line's end
+#: unless a backslash continues it); written as "unrolled loops" so that the regex
+#: engine runs through a long docstring without stepping back
 _REST = {
-    '"""': re.compile(r'(?:\\.|[^\\])*?"""', re.DOTALL),
-    "'''": re.compile(r"(?:\\.|[^\\])*?'''", re.DOTALL),
-    '"': re.compile(r'(?:\\.|[^\\"\n])*"'),
-    "'": re.compile(r"(?:\\.|[^\\'\n])*'"),
+    '"""': re.compile(r'[^"\\]*(?:(?:\\.|"(?!""))[^"\\]*)*"""', re.DOTALL),
+    "'''": re.compile(r"[^'\\]*(?:(?:\\.|'(?!''))[^'\\]*)*'''", re.DOTALL),
+    '"': re.compile(r'[^"\\\n]*(?:\\.[^"\\\n]*)*"', re.DOTALL),
+    "'": re.compile(r"[^'\\\n]*(?:\\.[^'\\\n]*)*'", re.DOTALL),
 }
 #: a string prefix right before a quote (not the end of a name: ``if"x"``)
 _PREFIX = re.compile(r"(?<!\w)[rRbBuUfFtT]{1,2}$")
@@ -109,8 +111,8 @@ def _by_pieces(text: str) -> list[ast.stmt] | None:
         if last is not None:
             i = last
         end = starts[i + 1]
-        piece = text[begin:end]
-        if last is not None and not (_IMPORT.search(piece) and not _DEF_OR_CLASS.match(piece)):
+        wanted = not _DEF_OR_CLASS.match(text, begin) and _IMPORT.search(text, begin, end)
+        if last is not None and not wanted:
             i += 1
             continue
         while True:
