@@ -465,6 +465,12 @@ def _rehome(code: CodeType, old: str, new: str, filename: str | None) -> CodeTyp
 _parsed: dict[tuple[str, int], ast.Module] = {}
 
 
+def remember_parsed(filename: str, text: str, tree: ast.Module) -> None:
+    """Let :func:`source_node` find the defs of `text` (read from `filename`) in `tree`
+    rather than parse it again: the patch loader has just parsed it, piece by piece."""
+    _parsed[(filename, hash(text))] = tree
+
+
 def source_node(func: FunctionType) -> FunctionNode | None:
     """The ``def`` node that created `func`, from its file (or linecache entry)."""
     code = func.__code__
