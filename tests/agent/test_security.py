@@ -294,3 +294,17 @@ def test_a_socket_served_by_another_process_is_not_trusted(lp) -> None:
         impostor.close()
         victim.kill()
         victim.wait()
+
+
+def test_a_process_that_trusts_no_key_never_loads_cryptography() -> None:
+    """Loading cryptography's native modules holds the GIL for milliseconds in one C call:
+    a target whose agent requires no signature must not pay that inside its first apply."""
+    code = (
+        "import sys\n"
+        "from livepatch.agent import signing\n"
+        "assert signing.TrustedKeys().verify(b'patch text', None) is None\n"
+        "print('cryptography' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.strip() == "False"

@@ -155,10 +155,13 @@ class TrustedKeys:
 
         Raises SignatureError when signatures are required and this one does not hold.
         """
+        if not self.required:
+            # before the import: cryptography's native modules load in one C call each,
+            # holding the GIL (about 6 ms here), and a target that trusts no key never
+            # needs them; one that does loaded them with its keys
+            return None
         from cryptography.exceptions import InvalidSignature
 
-        if not self.required:
-            return None
         if not signature_text:
             raise SignatureError(
                 "this process only accepts signed patches and the patch has no signature; "
