@@ -50,8 +50,11 @@ def test_bench_transition_floor_by_length() -> None:
 
 def test_bench_transition_first_apply_in_fresh_processes() -> None:
     out = run("bench_transition.py", "--cycles", "1", "--sections", "6")
-    for label in ("load and apply, first time", "load and apply again", "no patching, as long"):
+    for label in ("load and apply, first time", "load and apply again", "no patching, as long",
+                  "livepatch status, no patching"):
         assert re.search(rf"^ +{re.escape(label)} +{MS[:-3]} / +{MS}$", out, re.M), (label, out)
+    assert re.search(r"^ +through the agent \(livepatch run, livepatch apply --pid\):$", out,
+                     re.M), out
 
 
 def test_phase_pauses_splits_each_call_at_the_engine_log_lines() -> None:
