@@ -69,6 +69,8 @@ _REST = {
 }
 #: a string prefix right before a quote (not the end of a name: ``if"x"``)
 _PREFIX = re.compile(r"(?<!\w)[rRbBuUfFtT]{1,2}$")
+#: a carriage return that is a line break of its own (old Mac files)
+_LONE_CR = re.compile(r"\r(?!\n)")
 #: what the top level holds besides import-bearing statements
 _SKIPPED = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 
@@ -106,6 +108,9 @@ def parse_in_pieces(text: str, filename: str) -> list[ast.Module]:
     each one C call. Raises what ``ast.parse(text)`` raises where the text does not
     parse; where only the pieces fail to, the whole text is parsed at once.
     """
+    if _LONE_CR.search(text):
+        # a line break Python reads and the pieces' line count would not: parse it whole
+        return [ast.parse(text, filename)]
     trees: list[ast.Module] = []
     for tree in _pieces(text, filename, every=True):
         if tree is None:

@@ -134,3 +134,17 @@ def test_the_example_patches_load_as_before() -> None:
             continue
         patch = livepatch.loads(text, filename=str(path))
         assert patch.functions or patch.news, path
+
+
+@pytest.mark.parametrize("newline", ["\r\n", "\r"], ids=["crlf", "lone cr"])
+def test_other_line_breaks_keep_their_line_numbers(newline: str) -> None:
+    """Python reads a lone carriage return as a line break too: a file that mixes them
+    with newlines must not shift the lines of what follows."""
+    text = HEADER.replace("\n", newline) + (
+        "x = 1\n\n@patch.function('json:dumps')\ndef dumps(obj, **kw):\n    return 1\n"
+    )
+    patch = livepatch.loads(text, filename=f"<loading-{len(newline)}>")
+    spec = patch.functions[0]
+    assert spec.replacement.__code__.co_firstlineno == 5
+    assert spec.source is not None and spec.source.node is not None
+    assert spec.source.node.lineno == 6
