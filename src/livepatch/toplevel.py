@@ -35,8 +35,8 @@ by import are parsed, each alone, with the GIL handed over between them (``pace`
   it was imported, and neither answer is its truth.)
 
 ``tests/core/test_toplevel.py`` compares the result with a parse of the whole text for
-every ``.py`` file of the standard library, and for texts cut inside strings, brackets
-and continuations.
+every module of the standard library (its tests and test data aside), and for texts cut
+inside strings, brackets and continuations.
 """
 
 from __future__ import annotations
