@@ -81,8 +81,7 @@ _imports: dict[str, tuple[Sequence[str], int, tuple[str, ...]]] = {}
 def module_future_flags(module: ModuleType) -> int:
     """The ``from __future__`` compiler flags of `module`: from its source, else from
     any function defined in it."""
-    filename = getattr(module, "__file__", None)
-    lines = linecache.getlines(filename, module.__dict__) if filename else []
+    lines = toplevel.source_lines(module)
     if lines:
         flags = toplevel.future_flags("".join(lines))
         if flags is not None:
@@ -97,7 +96,7 @@ def module_future_flags(module: ModuleType) -> int:
 def module_imports(module: ModuleType) -> tuple[str, ...]:
     """Names bound by ``import`` statements at the top level of `module`'s source."""
     filename = getattr(module, "__file__", None)
-    lines = linecache.getlines(filename, module.__dict__) if filename else []
+    lines = toplevel.source_lines(module)
     if not filename or not lines:
         # no source: names bound to modules are the imports we can still see
         return tuple(sorted(k for k, v in vars(module).items() if isinstance(v, ModuleType)))

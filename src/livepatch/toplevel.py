@@ -34,6 +34,9 @@ by import are parsed, each alone, with the GIL handed over between them (``pace`
   imports of the rest: a module's source that no longer parses was edited on disk after
   it was imported, and neither answer is its truth.)
 
+Reading the source is paced too (:func:`source_lines`): ``linecache`` reads a file with
+one ``readlines`` call, 1.1 to 2 ms for modules of 3,000 to 6,500 lines.
+
 ``tests/core/test_toplevel.py`` compares the result with a parse of the whole text for
 every module of the standard library (its tests and test data aside), and for texts cut
 inside strings, brackets and continuations.
@@ -44,8 +47,13 @@ import __future__
 
 import ast
 import bisect
+import io
+import linecache
+import os
 import re
+import tokenize
 from collections.abc import Iterator
+from types import ModuleType
 
 from livepatch import pace
 
@@ -261,3 +269,50 @@ def future_flags(text: str) -> int | None:
                 feature = getattr(__future__, alias.name, None)
                 flags |= getattr(feature, "compiler_flag", 0)
     return flags
+
+
+#: how much of a source file one read decodes (a few tenths of a millisecond)
+_CHUNK = 1 << 15
+
+
+def source_lines(module: ModuleType) -> list[str]:
+    """`module`'s source lines, as ``linecache.getlines`` gives them; the first time, read
+    into the line cache a piece at a time, handing the GIL over between pieces.
+
+    Only a plain ``.py`` file is read here, as ``linecache.updatecache`` reads it
+    (decoded as Python decodes source, universal newlines, a last line ending in a line
+    break, the file's size and modification time kept for ``checkcache``); anything
+    else (a loader's source, a zip) is left to ``linecache``.
+    """
+    filename = getattr(module, "__file__", None)
+    if not filename:
+        return []
+    if filename not in linecache.cache and filename.endswith(".py"):
+        _read_into_cache(filename)
+    return linecache.getlines(filename, module.__dict__)
+
+
+def _read_into_cache(filename: str) -> None:
+    lines: list[str] = []
+    try:
+        stat = os.stat(filename)
+        if not stat.st_size:
+            return  # nothing to pace; and what an empty file gives changed in 3.13
+        with open(filename, "rb") as raw:
+            encoding, _ = tokenize.detect_encoding(raw.readline)
+            raw.seek(0)
+            handing_over = pace.Yielder()
+            rest = ""  # the start of a line the last piece cut
+            with io.TextIOWrapper(raw, encoding) as text:  # universal newlines, as Python
+                while piece := text.read(_CHUNK):
+                    handing_over()
+                    # not str.splitlines: it also breaks at form feeds and other
+                    # characters that readlines() keeps inside a line
+                    *whole, rest = (rest + piece).split("\n")
+                    lines += [line + "\n" for line in whole]
+    except (OSError, UnicodeDecodeError, SyntaxError, LookupError):
+        return  # linecache tries (and fails) the same way, and says nothing either
+    if rest:
+        lines.append(rest + "\n")  # as linecache ends the last line
+    if filename not in linecache.cache:  # another thread may have read it meanwhile
+        linecache.cache[filename] = (stat.st_size, stat.st_mtime, lines, filename)

@@ -162,3 +162,47 @@ def test_pieces_are_cut_at_column_0_only() -> None:
         import b
     """)
     assert toplevel.imported_names(text) == ("a", "b")
+
+
+SOURCES = {
+    "plain": b"import os\nx = 1\n",
+    "no line break at the end": b"import os\nx = 1",
+    "empty": b"",
+    "crlf and a lone cr": b"import os\r\nx = 1\ry = 2\r\n",
+    "form feed and vertical tab inside lines": b"import os\n\x0c\nx = '\x0b'\n",
+    "byte-order mark": b"\xef\xbb\xbfimport os\n",
+    "coding cookie": b"# -*- coding: latin-1 -*-\nname = '\xe9'\n",
+    "long": b"".join(b"x%d = %d  # %s\n" % (i, i, b"-" * 60) for i in range(5000)),
+}
+
+
+@pytest.mark.parametrize("data", SOURCES.values(), ids=SOURCES.keys())
+def test_source_lines_are_what_linecache_reads(tmp_path: Path, data: bytes) -> None:
+    import linecache
+    import types
+
+    path = tmp_path / "target_source.py"
+    path.write_bytes(data)
+    linecache.checkcache(str(path))
+    linecache.cache.pop(str(path), None)
+    expected = linecache.getlines(str(path))
+    linecache.cache.pop(str(path), None)
+    module = types.ModuleType("target_source")
+    module.__file__ = str(path)
+    assert toplevel.source_lines(module) == expected
+    # it is linecache's entry now: tracebacks and later lookups read the same lines
+    assert linecache.cache[str(path)][2] == expected
+    assert linecache.getlines(str(path)) == expected
+
+
+def test_source_lines_of_stdlib_modules_are_what_linecache_reads() -> None:
+    import linecache
+    import types
+
+    for path in stdlib_files()[:300]:
+        linecache.cache.pop(str(path), None)
+        expected = linecache.getlines(str(path))
+        linecache.cache.pop(str(path), None)
+        module = types.ModuleType("m")
+        module.__file__ = str(path)
+        assert toplevel.source_lines(module) == expected, path
