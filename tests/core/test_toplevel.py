@@ -16,6 +16,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from livepatch import toplevel
 
@@ -206,3 +208,42 @@ def test_source_lines_of_stdlib_modules_are_what_linecache_reads() -> None:
         module = types.ModuleType("m")
         module.__file__ = str(path)
         assert toplevel.source_lines(module) == expected, path
+
+
+# -- property: random texts built from the shapes that make cutting hard --------------
+
+FRAGMENTS = [
+    "import real_{n}\n",
+    "from pkg_{n} import name_{n} as alias_{n}\n",
+    "x_{n} = {n}\n",
+    "s_{n} = '''\nimport fake_{n}\n'''\n",
+    's_{n} = """\ndef fake_{n}():\n    import fake_{n}\n"""\n',
+    "t_{n} = (\n'import fake_{n}',\n{n},\n)\n",
+    "u_{n} = [\n{n},\n]; import after_{n}\n",
+    "v_{n} = 1 + \\\n{n}\n",
+    "def f_{n}(a=[\n{n}]):\n    import inner_{n}\n    return '''\nimport fake_{n}\n'''\n",
+    "@decorate_{n}\nclass C_{n}:\n    '''doc\nimport fake_{n}\n'''\n    import inner_{n}\n",
+    "if cond_{n}:\n    import branch_{n}\nelif other_{n}:\n    pass\nelse:\n    import other_{n}\n",
+    "try:\n    import tried_{n}\nexcept ImportError:\n    tried_{n} = None\nfinally:\n    pass\n",
+    "# a comment with 'quotes' and \"\"\" in it\n",
+    "w_{n} = f'{{{n}}}{{x_{n}}}'  # don't\n",
+    "async def g_{n}():\n    import inner_{n}\n",
+    "\n",
+]
+if sys.version_info >= (3, 12):
+    FRAGMENTS.append('y_{n} = f"{{1 +\n{n}}}"\n')
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(range(len(FRAGMENTS))), max_size=25))
+def test_random_texts_read_in_pieces_as_in_one_parse(picks: list[int]) -> None:
+    text = "".join(FRAGMENTS[k].format(n=i) for i, k in enumerate(picks))
+    whole = ast.parse(text)
+    expected_names: set[str] = set()
+    toplevel._collect(whole.body, expected_names)
+    assert toplevel.imported_names(text) == tuple(sorted(expected_names))
+    pieces = toplevel.parse_in_pieces(text, "<random>")
+    # the same statements at the same places: what tracebacks and source lookups see
+    assert [ast.dump(n, include_attributes=True) for t in pieces for n in t.body] == [
+        ast.dump(n, include_attributes=True) for n in whole.body
+    ]
