@@ -715,10 +715,10 @@ def section_6(cycles: int) -> None:
     for how, title in (("self", "in the process (livepatch.load and apply)"),
                        ("agent", "through the agent (livepatch run, livepatch apply --pid)")):
         print(f"   {title}:")
-        print(f"     load and apply, first time   {spread(gaps[how]['first'])}")
-        print(f"     load and apply again         {spread(gaps[how]['again'])}")
         none = "no patching, as long" if how == "self" else "livepatch status, no patching"
-        print(f"     {none:<29}{spread(gaps[how]['none'])}")
+        for label, key in (("load and apply, first time", "first"),
+                           ("load and apply again", "again"), (none, "none")):
+            print(f"     {label:<30} {spread(gaps[how][key])}")
 
 
 def section_2(models: list[str], cycles: int) -> None:
