@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from livepatch import codegen, exercise, locate, pace, redirect, transition
+from livepatch import codegen, exercise, heap, locate, pace, redirect, transition
 from livepatch.errors import (
     AlreadyApplied,
     CallbackFailed,
@@ -247,7 +247,7 @@ class Plan:
 
 def plan(patch: Patch) -> Plan:
     """Resolve and verify every target of `patch`; change nothing. Raises PatchError."""
-    with LOCK:
+    with LOCK, heap.looking_only():
         return _plan(patch)
 
 
@@ -279,6 +279,17 @@ def _plan(patch: Patch) -> Plan:
         result.notes.append(
             "some functions were not verified (no expect=): the patch trusts that the live "
             "code is what it was written against"
+        )
+    frozen = heap.frozen()
+    scanning = [p.spec.target for p in result.prepared
+                if p.slot.nested or (p.slot.original.code.co_flags | p.version.code.co_flags)
+                & _KIND_FLAGS]
+    if frozen and scanning:
+        result.notes.append(
+            f"this process froze {frozen} object(s) with gc.freeze(); to find the closures "
+            f"and suspended generators of {', '.join(scanning)} among them, applying gives "
+            "them back to the garbage collector (gc.unfreeze()), which scans them again "
+            "from then on"
         )
     return result
 

@@ -20,7 +20,6 @@ Only modules already imported are searched: livepatch patches code that is loade
 from __future__ import annotations
 
 import functools
-import gc
 import inspect
 import os
 import sys
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 from types import CodeType, FunctionType, MethodType, ModuleType
 from typing import Any
 
+from livepatch import heap
 from livepatch.errors import TargetNotFound, UnsafeChange
 
 _LOCALS = "<locals>"
@@ -341,7 +341,7 @@ def instances_of(*codes: CodeType) -> list[FunctionType]:
     wanted = {id(c) for c in codes}  # identity: equal code objects are not the same one
     found = {
         id(r): r
-        for r in gc.get_referrers(*codes)
+        for r in heap.referrers(list(codes), "closures of nested functions")
         if isinstance(r, FunctionType) and id(r.__code__) in wanted
     }
     return list(found.values())

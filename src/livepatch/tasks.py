@@ -19,7 +19,6 @@ Frames are described as ``file:line in function`` (:func:`describe`) for reports
 from __future__ import annotations
 
 import asyncio
-import gc
 import sys
 import threading
 import types
@@ -27,6 +26,8 @@ from asyncio import tasks as _atasks
 from collections.abc import Callable, Iterable, Iterator
 from types import CodeType, FrameType
 from typing import Any
+
+from livepatch import heap
 
 # asyncio keeps "the task running on each loop" in a dict (C-accelerated on all of
 # 3.11 to 3.13); reading it is how we tell tasks on one loop thread apart without a call.
@@ -235,14 +236,15 @@ def suspended_with(codes: Iterable[CodeType]) -> list[Any]:
 
     A suspended (or not yet started) generator keeps its frame inside the generator
     object, and the garbage collector sees it refer to its code: ``gc.get_referrers`` on
-    the code objects finds them all, wherever they are stored. Cost: one pass over the
+    the code objects finds them all, wherever they are stored (frozen ones too: see
+    :mod:`livepatch.heap`). Cost: one pass over the
     objects the collector tracks, so callers only ask for codes of generator kinds.
     """
     wanted = set(codes)
     if not wanted:
         return []
     found = []
-    for obj in gc.get_referrers(*wanted):
+    for obj in heap.referrers(list(wanted), "generators and coroutines of the old code"):
         if isinstance(obj, _GEN_TYPES):
             frame = frame_of(obj)
             if frame is not None and frame.f_code in wanted:

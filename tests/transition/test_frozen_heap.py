@@ -1,0 +1,112 @@
+"""A process that froze its heap (``gc.freeze()``, as pre-fork servers do) is patched as
+consistently as any other.
+
+``gc.get_referrers`` does not look at frozen objects, and livepatch finds two things
+with it: the closures of a nested function, and generators suspended in an old version.
+Before livepatch.heap unfroze them, a nested function's old closures kept the old code
+after its patch completed, and a generator suspended in the old version did not hold up
+finalization.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+import livepatch
+from livepatch import TransitionTimeout
+
+from .conftest import patch_for
+
+TARGET = """
+def version():
+    return 1
+
+def gen():
+    yield version()
+    yield version()
+
+def make_handler(n):
+    def handler():
+        return n * 10
+    return handler
+"""
+
+PATCH = """
+@patch.function("M:version")
+def version():
+    return 2
+
+@patch.function("M:gen")
+def gen():
+    yield version()
+    yield version()
+"""
+
+NESTED = """
+@patch.function("M:make_handler.<locals>.handler")
+def handler():
+    return n * 100
+"""
+
+
+@pytest.fixture
+def frozen() -> Iterator[None]:
+    """Freeze the heap for the test (and never leave it frozen after)."""
+    gc.freeze()
+    assert gc.get_freeze_count() > 0
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def test_a_generator_made_before_the_freeze_holds_up_finalization(
+    tmp_module, caplog: pytest.LogCaptureFixture
+) -> None:
+    m = tmp_module(TARGET)
+    g = m.gen()
+    assert next(g) == 1  # suspended in the old version
+    gc.freeze()
+    try:
+        with caplog.at_level(logging.WARNING, logger="livepatch"), \
+                pytest.raises(TransitionTimeout) as info:
+            livepatch.apply(patch_for(m, "frozen-gen", PATCH), timeout=0.3)
+    finally:
+        gc.unfreeze()
+    assert "lingering" in str(info.value) and "gen" in str(info.value)
+    assert m.version() == 1 and livepatch.patches() == []
+    assert next(g) == 1  # it finishes in the old world it started in
+    assert any("unfroze" in r.getMessage() and "generators" in r.getMessage()
+               for r in caplog.records), caplog.text
+
+
+def test_closures_made_before_the_freeze_get_the_new_code(tmp_module) -> None:
+    m = tmp_module(TARGET)
+    handlers = [m.make_handler(n) for n in (1, 2, 3)]
+    gc.freeze()
+    try:
+        livepatch.apply(patch_for(m, "frozen-nested", NESTED))
+    finally:
+        gc.unfreeze()
+    assert [h() for h in handlers] == [100, 200, 300]
+    assert m.make_handler(4)() == 400
+    livepatch.revert("frozen-nested")
+    assert [h() for h in handlers] == [10, 20, 30]
+
+
+def test_a_plan_leaves_the_heap_frozen_and_says_applying_will_not(
+    tmp_module, frozen: None
+) -> None:
+    m = tmp_module(TARGET)
+    g = m.gen()
+    next(g)
+    count = gc.get_freeze_count()
+    the_plan = livepatch.plan(patch_for(m, "frozen-plan", PATCH))
+    assert gc.get_freeze_count() == count  # a dry run changes nothing
+    assert any("gc.freeze()" in note and "gc.unfreeze()" in note and "gen" in note
+               for note in the_plan.notes), the_plan.notes
+    g.close()
