@@ -295,9 +295,9 @@ def _compile(text: str, filename: str) -> list[types.CodeType]:
         body=[node for tree in trees for node in tree.body], type_ignores=[]
     ))
     flags, leading = 0, True
+    first = next((node for tree in trees for node in tree.body), None)
     for tree in trees:
         for node in tree.body:
-            is_doc = isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
             if isinstance(node, ast.ImportFrom) and node.module == "__future__":
                 if not leading:
                     raise SyntaxError(
@@ -305,26 +305,25 @@ def _compile(text: str, filename: str) -> list[types.CodeType]:
                         (filename, node.lineno, node.col_offset + 1, None),
                     )
                 for alias in node.names:
-                    flags |= getattr(__future__, alias.name, _NO_FEATURE).compiler_flag
-            elif not (is_doc and node is trees[0].body[0]):
+                    # an unknown feature adds nothing here: compile() says it is unknown
+                    feature = getattr(__future__, alias.name, None)
+                    flags |= getattr(feature, "compiler_flag", 0)
+            elif not (node is first and _is_docstring(node)):
                 leading = False
     handing_over = pace.Yielder()
     codes = []
-    for index, tree in enumerate(trees):
+    for tree in trees:
         handing_over()
-        first = tree.body[0] if tree.body else None
-        if index and isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+        if tree.body and tree.body[0] is not first and _is_docstring(tree.body[0]):
             # a string opening a later piece is no docstring: keep it from becoming one
-            tree.body.insert(0, ast.copy_location(ast.Pass(), first))
+            tree.body.insert(0, ast.copy_location(ast.Pass(), tree.body[0]))
         codes.append(compile(tree, filename, "exec", flags=flags, dont_inherit=True))
     return codes
 
 
-class _NoFeature:
-    compiler_flag = 0  # an unknown feature: compile() itself says so
-
-
-_NO_FEATURE = _NoFeature()
+def _is_docstring(node: ast.stmt) -> bool:
+    return (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str))
 
 
 def _failing_line(exc: BaseException, filename: str) -> str:

@@ -62,8 +62,10 @@ def test_line_numbers_are_those_of_the_file() -> None:
         (HEADER + "\ndef f():\n    return 1\nreturn 2\n", ":6:"),
         (HEADER + "x = 1\nfrom __future__ import annotations\n", ":4:"),
         (HEADER + "from __future__ import braces\n", ":3:"),
+        ("1\nfrom __future__ import annotations\n" + HEADER, ":2:"),
     ],
-    ids=["parse error", "return outside function", "late future import", "unknown feature"],
+    ids=["parse error", "return outside function", "late future import", "unknown feature",
+         "future import after a number"],
 )
 def test_errors_are_reported_as_one_compile_reports_them(text: str, where: str) -> None:
     with pytest.raises(SyntaxError) as expected:
@@ -148,3 +150,14 @@ def test_other_line_breaks_keep_their_line_numbers(newline: str) -> None:
     assert spec.replacement.__code__.co_firstlineno == 5
     assert spec.source is not None and spec.source.node is not None
     assert spec.source.node.lineno == 6
+
+
+def test_a_docstring_after_leading_comments_is_the_docstring() -> None:
+    """The first piece of a file holds only comments here (a piece ends where the next
+    statement starts): the docstring is in the second, and still the file's."""
+    text = "# Copyright\n# a patch\n\n'''The patch.'''\nfrom __future__ import annotations\n"
+    text += HEADER + "\n@patch.function('json:dumps')\ndef dumps(obj: Undefined, **kw):\n"
+    text += "    return 'x'\n"
+    patch = livepatch.loads(text, filename="<loading-comments-first>")
+    assert namespace_of(patch)["__doc__"] == "The patch."
+    assert patch.functions[0].replacement.__annotations__ == {"obj": "Undefined"}
