@@ -283,8 +283,8 @@ def _plan(patch: Patch) -> Plan:
     frozen = heap.frozen()
     scanning = [p.spec.target for p in result.prepared
                 if p.slot.nested or (p.slot.original.code.co_flags | p.version.code.co_flags)
-                & _KIND_FLAGS]
-    if frozen and scanning:
+                & _KIND_FLAGS] if frozen else []
+    if scanning:
         result.notes.append(
             f"this process froze {frozen} object(s) with gc.freeze(); to find the closures "
             f"and suspended generators of {', '.join(scanning)} among them, applying gives "

@@ -20,7 +20,6 @@ edited; names the new code needs that the target lacks come in through ``patch.n
 """
 
 from __future__ import annotations
-import __future__
 
 import ast
 import hashlib
@@ -304,10 +303,7 @@ def _compile(text: str, filename: str) -> list[types.CodeType]:
                         "from __future__ imports must occur at the beginning of the file",
                         (filename, node.lineno, node.col_offset + 1, None),
                     )
-                for alias in node.names:
-                    # an unknown feature adds nothing here: compile() says it is unknown
-                    feature = getattr(__future__, alias.name, None)
-                    flags |= getattr(feature, "compiler_flag", 0)
+                flags |= toplevel.future_import_flags(node)
             elif not (node is first and _is_docstring(node)):
                 leading = False
     handing_over = pace.Yielder()

@@ -265,9 +265,16 @@ def future_flags(text: str) -> int | None:
     flags = 0
     for node in body:
         if isinstance(node, ast.ImportFrom) and node.module == "__future__":
-            for alias in node.names:
-                feature = getattr(__future__, alias.name, None)
-                flags |= getattr(feature, "compiler_flag", 0)
+            flags |= future_import_flags(node)
+    return flags
+
+
+def future_import_flags(node: ast.ImportFrom) -> int:
+    """The compiler flags of the features a ``from __future__ import`` names (an unknown
+    feature adds none: compiling it says it is unknown)."""
+    flags = 0
+    for alias in node.names:
+        flags |= getattr(getattr(__future__, alias.name, None), "compiler_flag", 0)
     return flags
 
 
