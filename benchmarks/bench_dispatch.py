@@ -82,9 +82,12 @@ def work(x):
 _state: dict[str, Any] = {}
 
 
+# the target modules' files, gone when the process (a pyperf worker, too) exits
+_SCRATCH = tempfile.TemporaryDirectory(prefix="lpbench-")
+
+
 def _module(name: str) -> Any:
-    folder = Path(tempfile.mkdtemp(prefix="lpbench-"))
-    path = folder / f"{name}.py"
+    path = Path(_SCRATCH.name) / f"{name}.py"
     path.write_text(SOURCE)
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None

@@ -107,12 +107,14 @@ async def handle_async(x):
 '''
 
 _counter = [0]
+# every file a run writes (target modules, patches, the agent's state), gone at exit
+SCRATCH = tempfile.TemporaryDirectory(prefix="lpbench-")
 
 
 def module_from(source: str) -> Any:
     _counter[0] += 1
     name = f"lpbench_tr_{_counter[0]}"
-    path = Path(tempfile.mkdtemp(prefix="lpbench-")) / f"{name}.py"
+    path = Path(SCRATCH.name) / f"{name}.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
@@ -659,7 +661,8 @@ def _through_the_agent(path: Path, here: str) -> dict[str, float]:
     """Section 6 with ``livepatch run`` and ``livepatch apply``/``revert`` by pid: the
     windows run from starting the command to 20 ms after it returned."""
     cli = str(Path(sys.executable).with_name("livepatch"))
-    env = dict(os.environ, LIVEPATCH_STATE_DIR=tempfile.mkdtemp(prefix="lpbench-state-"))
+    state = tempfile.mkdtemp(prefix="state-", dir=SCRATCH.name)
+    env = dict(os.environ, LIVEPATCH_STATE_DIR=state)
     target = subprocess.Popen(
         [cli, "run", "--", sys.executable, "-c", _FIRST_APPLY, str(path), here, "agent"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
@@ -693,7 +696,7 @@ def _through_the_agent(path: Path, here: str) -> dict[str, float]:
 
 
 def section_6(cycles: int) -> None:
-    path = Path(tempfile.mkdtemp(prefix="lpbench-")) / "usage_patch.py"
+    path = Path(SCRATCH.name) / "usage_patch.py"
     path.write_text(FIRST_PATCH)
     here = str(Path(__file__).resolve().parent)
     gaps: dict[str, dict[str, list[float]]] = {

@@ -5,6 +5,7 @@ applied list, equal to a simple model of the version stacks."""
 from __future__ import annotations
 
 import itertools
+import shutil
 import sys
 import tempfile
 import types
@@ -61,10 +62,7 @@ _counter = itertools.count()
 def world() -> tuple[types.ModuleType, dict[str, livepatch.Patch]]:
     """A fresh target module and its patches for each example (a failure in one example
     must not leak into the next, or hypothesis cannot shrink it)."""
-    old = _world.get("module")
-    if isinstance(old, types.ModuleType):
-        sys.modules.pop(old.__name__, None)
-    _world.clear()
+    forget_world()
     if not _world:
         folder = Path(tempfile.mkdtemp(prefix="lpcore_sm_"))
         name = f"lpcore_statemachine_{next(_counter)}"
@@ -90,7 +88,7 @@ def world() -> tuple[types.ModuleType, dict[str, livepatch.Patch]]:
             f"@patch.function('{name}:missing')\ndef missing():\n    return 'bad'\n"
         )
         patches["BAD"] = livepatch.load(path)
-        _world["module"], _world["patches"] = module, patches
+        _world["module"], _world["patches"], _world["folder"] = module, patches, folder
     return _world["module"], _world["patches"]  # type: ignore[return-value]
 
 
@@ -171,7 +169,17 @@ VersionStacks.TestCase.settings = settings(
 TestVersionStacks = VersionStacks.TestCase
 
 
-def teardown_module() -> None:
+def forget_world() -> None:
+    """Drop the last example's module and its files (an example per world: a run would
+    leave dozens of folders behind)."""
     module = _world.get("module")
     if isinstance(module, types.ModuleType):
         sys.modules.pop(module.__name__, None)
+    folder = _world.get("folder")
+    if isinstance(folder, Path):
+        shutil.rmtree(folder, ignore_errors=True)
+    _world.clear()
+
+
+def teardown_module() -> None:
+    forget_world()
