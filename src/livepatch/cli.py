@@ -598,7 +598,7 @@ def status(pid: int, as_json: bool) -> None:
     patches = result.get("patches") or []
     if patches:
         table = Table(box=None, pad_edge=False)
-        for column in ("PATCH", "STATE", "FUNCTIONS", "APPLIED", "SHA256"):
+        for column in ("PATCH", "STATE", "FUNCTIONS", "VERIFIED", "APPLIED", "SHA256"):
             table.add_column(column)
         for p in patches:
             applied_at = p.get("applied_at")
@@ -611,8 +611,12 @@ def status(pid: int, as_json: bool) -> None:
             state = str(p.get("state"))
             if p.get("forced"):
                 state += " (forced)"
+            # verified: the live code was what the patch's expect= said (livepatch build
+            # gives it); --json lists the others
+            verified = len(functions) - len(p.get("unverified") or [])
             table.add_row(
-                str(p.get("name")), state, str(len(functions)), when, str(p.get("sha256"))[:12]
+                str(p.get("name")), state, str(len(functions)), f"{verified}/{len(functions)}",
+                when, str(p.get("sha256"))[:12],
             )
         out.print(table)
     else:

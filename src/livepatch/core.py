@@ -832,6 +832,14 @@ def apply(
     return t
 
 
+def _first_few(names: list[str], shown: int = 5) -> str:
+    """`names` for a log line: a patch of hundreds of functions would make it kilobytes
+    long, and the patch's view (``PatchView.unverified``) keeps the whole list."""
+    if len(names) <= shown + 1:
+        return ", ".join(names)
+    return f"{', '.join(names[:shown])} and {len(names) - shown} more (status --json lists all)"
+
+
 def _start_apply(patch: Patch, model: Model, timeout: float, force: bool) -> Transition:
     _refuse_if_busy(patch.name)
     # tens of ms of compiling and checking: hand the GIL over as it goes (see pace);
@@ -843,7 +851,7 @@ def _start_apply(patch: Patch, model: Model, timeout: float, force: bool) -> Tra
     if unverified:
         log.warning(
             "livepatch: %s: verified %d of %d function(s); not verified (no expect=): %s",
-            patch.name, total - len(unverified), total, ", ".join(unverified),
+            patch.name, total - len(unverified), total, _first_few(unverified),
         )
     else:
         log.info("livepatch: %s: verified %d of %d function(s)", patch.name, total, total)

@@ -194,6 +194,27 @@ def test_apply_without_expect_says_nothing_was_verified(
     assert "verified 1 function" not in text, text  # would claim the opposite
 
 
+def test_the_log_line_names_a_few_unverified_functions(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    m = env.source_module("".join(f"def price{i}(x):\n    return x + {i}\n" for i in range(12)))
+    lines = ["import livepatch", "patch = livepatch.Patch('many')"]
+    for i in range(12):
+        lines += [f"@patch.function('{m.__name__}:price{i}')", f"def price{i}(x):",
+                  "    return x", ""]
+    patch = livepatch.loads("\n".join(lines))
+    with caplog.at_level(logging.INFO, logger="livepatch"):
+        livepatch.apply(patch, model=IMM)
+    try:
+        line = next(r.getMessage() for r in caplog.records if "not verified" in r.getMessage())
+        assert f"{m.__name__}:price4 and 7 more" in line, line
+        assert f"{m.__name__}:price5" not in line, line
+        view = next(v for v in livepatch.patches() if v.name == "many")
+        assert len(view.unverified) == 12
+    finally:
+        livepatch.revert("many", model=IMM)
+
+
 def test_apply_with_expect_says_verified(env: Env, caplog: pytest.LogCaptureFixture) -> None:
     m = env.module("plain_body")
     patch = env.patch("plain_body", m)
