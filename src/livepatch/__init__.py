@@ -21,6 +21,7 @@ from livepatch.errors import (
     StateMismatch,
     TargetNotFound,
     TransitionBusy,
+    TransitionReversed,
     TransitionTimeout,
     UnsafeChange,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "TargetNotFound",
     "Transition",
     "TransitionBusy",
+    "TransitionReversed",
     "TransitionTimeout",
     "UnsafeChange",
     "agent",

@@ -254,7 +254,12 @@ def _read_patch(path: str, signature: str | None) -> dict[str, Any]:
     return request
 
 
-def _transition_view(t: dict[str, Any] | None, title: str) -> Group:
+def _transition_view(
+    t: dict[str, Any] | None, title: str, blockers_shown: int | None = 10,
+    frames_shown: int | None = 3,
+) -> Group:
+    """A transition: its state, a progress bar, and a table of what blocks it (the first
+    `blockers_shown` tasks and `frames_shown` frames of each; None: all)."""
     if not t:
         return Group(Text(title))
     total = int(t.get("tasks_total") or 0)
@@ -274,11 +279,11 @@ def _transition_view(t: dict[str, Any] | None, title: str) -> Group:
         table = Table(box=None, pad_edge=False, show_header=True)
         table.add_column("blocked task", style="yellow", no_wrap=True)
         table.add_column("old frames")
-        for blocker in blockers[:10]:
+        for blocker in blockers[:blockers_shown]:
             frames = blocker.get("frames") or []
-            table.add_row(str(blocker.get("task")), "\n".join(frames[:3]) or "-")
-        if len(blockers) > 10:
-            table.add_row(f"... {len(blockers) - 10} more", "")
+            table.add_row(str(blocker.get("task")), "\n".join(frames[:frames_shown]) or "-")
+        if blockers_shown is not None and len(blockers) > blockers_shown:
+            table.add_row(f"... {len(blockers) - blockers_shown} more", "")
         parts.append(table)
     return Group(*parts)
 
@@ -416,8 +421,10 @@ def _report_outcome(pid: int, result: dict[str, Any], verb: str) -> None:
         out.print(f"[green]{result.get('patch')}[/green] was pending in pid {pid}; cancelled")
         return
     forced = " [yellow](forced)[/yellow]" if t.get("forced") else ""
+    # a revert of a patch still being applied turns that transition around
+    how = "its apply, in flight, turned around: " if t.get("reversed") else ""
     out.print(
-        f"[green]{result.get('patch')}[/green] {verb} in pid {pid}{forced}: model "
+        f"[green]{result.get('patch')}[/green] {verb} in pid {pid}{forced}: {how}model "
         f"{t.get('model')}, {t.get('tasks_switched')}/{t.get('tasks_total')} tasks switched "
         f"in {float(t.get('elapsed') or 0):.3f}s"
     )
@@ -627,11 +634,8 @@ def status(pid: int, as_json: bool) -> None:
         )
     transition = result.get("transition")
     if transition:
-        out.print(_transition_view(transition, "transition in flight"))
-        for blocker in transition.get("blockers") or []:
-            out.print(f"  [yellow]{blocker.get('task')}[/yellow]")
-            for frame in blocker.get("frames") or []:
-                out.print(f"      {frame}")
+        # every blocker and every frame: status is where an engineer looks for them
+        out.print(_transition_view(transition, "transition in flight", None, None))
     else:
         out.print("  no transition in flight")
 

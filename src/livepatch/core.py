@@ -40,6 +40,7 @@ from livepatch.errors import (
     NotApplied,
     PatchError,
     StateMismatch,
+    TransitionBusy,
     UnsafeChange,
 )
 from livepatch.fingerprint import fingerprint, is_fingerprint, same_code
@@ -893,8 +894,6 @@ def _start_apply(patch: Patch, model: Model, timeout: float, force: bool) -> Tra
 def _refuse_if_busy(name: str) -> None:
     current = transition.transition()
     if current is not None and not current.done:
-        from livepatch.errors import TransitionBusy
-
         raise TransitionBusy(
             f"transition of {current.patch} is in flight; wait for it or revert it first "
             f"(requested: {name})"
@@ -1041,10 +1040,7 @@ def revert(
             raise NotApplied(f"{name} is not applied (applied: {applied}); see livepatch status")
         current = transition.transition()
         if current is not None and not current.done and current.patch == name:
-            reverse = getattr(transition, "reverse", None)
-            if reverse is None:  # pragma: no cover - models without reversal
-                raise PatchError(f"{name} is in transition; wait for it to finish")
-            t: Transition = reverse(current)
+            t = _revert_in_flight(current)
         else:
             _refuse_if_busy(name)
             try:
@@ -1079,6 +1075,21 @@ def revert(
     if wait:
         t.wait()
     return t
+
+
+def _revert_in_flight(current: Transition) -> Transition:
+    """Revert a patch whose transition is in flight: turn an apply around, and let a
+    revert go on (a second `revert` is not an order to put the patch back)."""
+    name = current.patch
+    if not current.leaves_patched:
+        log.info("livepatch: %s: already being reverted; following that transition", name)
+        return current
+    if current.reversed:
+        raise TransitionBusy(
+            f"{name}: its revert was turned around and the patch is being put back "
+            "(a transition turns around once); wait for it, then revert again"
+        )
+    return transition.reverse(current)
 
 
 def _refuse_if_needed(record: _Record) -> None:

@@ -62,6 +62,12 @@ class TransitionTimeout(PatchError):
     code = "transition-timeout"
 
 
+class TransitionReversed(PatchError):
+    """A revert turned the transition around before it completed: nothing changed."""
+
+    code = "transition-reversed"
+
+
 class TransitionBusy(PatchError):
     """Another transition is in flight; only one runs at a time."""
 

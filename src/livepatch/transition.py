@@ -226,8 +226,18 @@ class Transition:
     def done(self) -> bool:
         return self._done.is_set()
 
+    @property
+    def leaves_patched(self) -> bool:
+        """Whether the patch is in place when this transition ends, as it stands now: an
+        apply going forward, or a revert that was turned around."""
+        return (self.direction is Direction.PATCH) != self.reversed
+
     def wait(self, timeout: float | None = None) -> Transition:
-        """Block until the transition ends; raise its error if it failed or was reversed."""
+        """Block until the transition ends; raise its error if it failed or timed out.
+
+        One turned around by a revert ends :attr:`State.REVERSED` with no error: an apply
+        that a revert undid returns normally, so look at `state` or `leaves_patched`.
+        """
         if not self._done.wait(timeout):
             raise TransitionTimeout(
                 f"transition of {self.patch} still running after {timeout:.1f}s; "

@@ -110,6 +110,43 @@ def test_cli_killed_mid_transition_leaves_the_target_to_finish(lp, target) -> No
         apply.communicate(timeout=10)
 
 
+def test_revert_mid_apply_turns_it_around_and_the_apply_says_so(lp, target) -> None:
+    """The on-call case: an apply is stuck behind a busy thread and someone reverts it.
+    The revert turns the transition around; the waiting apply must then fail (not
+    report "applied", not record the patch for later processes of the program)."""
+    assert target.ask("slow 60") == "started"
+    patch = write_patch(lp.tmp, "slowfix", SLOW_FIX)
+    apply = subprocess.Popen(
+        [str(LIVEPATCH), "apply", str(patch), "--pid", str(target.pid), "--timeout", "30"],
+        env=lp.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        def in_flight() -> bool:
+            code, status = cli_json(lp, "status", "--pid", str(target.pid))
+            return bool((status["transition"] or {}).get("blockers"))
+
+        wait_for(in_flight, timeout=20, what="the apply to wait for the busy thread")
+        shown = cli(lp, "status", "--pid", str(target.pid)).stdout
+        assert shown.count("in slow") == 1, shown  # the blocking frame, listed once
+        reverted = cli(lp, "revert", "fix-slow", "--pid", str(target.pid))
+        assert reverted.returncode == 0, reverted.stderr
+        assert "turned around" in reverted.stdout, reverted.stdout
+        out, err = apply.communicate(timeout=30)
+        assert apply.returncode == 1, (out, err)
+        assert "a revert turned the apply around" in err and "not applied" in err, err
+    finally:
+        if apply.poll() is None:
+            apply.kill()
+            apply.communicate(timeout=10)
+    code, status = cli_json(lp, "status", "--pid", str(target.pid))
+    assert status["patches"] == [] and status["transition"] is None
+    assert not list((lp.state_dir / "programs").glob("*.json"))
+    events = [(r["event"], r["result"]) for r in lp.audit_records()]
+    assert ("apply", "transition-reversed") in events and ("revert", "ok") in events, events
+    assert ("apply", "ok") not in events, events
+    assert target.ask("release") == "released"
+
+
 def test_target_exiting_mid_apply_is_reported(lp, target) -> None:
     marker = lp.tmp / "in-pre-patch"
     patch = write_patch(lp.tmp, "sleepy", SLEEPY_FIX.replace("MARKER", str(marker)))

@@ -157,6 +157,44 @@ def test_revert_mid_transition_reverses(tmp_module, caplog):
     assert "reversing transition (revert requested)" in caplog.text
 
 
+def test_revert_again_mid_revert_keeps_reverting(tmp_module, caplog):
+    """A second revert while the first is in flight (an engineer running the command
+    again) follows that revert: it must not turn it around and put the patch back."""
+    m = tmp_module(TARGET)
+    patch = patch_for(m, "rev2", PATCH)
+    livepatch.apply(patch)
+    caplog.set_level(logging.INFO, logger="livepatch")
+    with _Busy(m) as busy:  # runs the new busy(): the revert waits for it
+        first = livepatch.revert("rev2", wait=False)
+        time.sleep(0.05)
+        assert not first.done and first.leaves_patched is False
+        again = livepatch.revert("rev2", wait=False)
+        assert again is first and not first.reversed
+    first.wait(10)
+    assert first.state.value == "complete" and busy.result == [2]
+    assert livepatch.patches() == [] and m.version() == 1
+    assert "already being reverted" in caplog.text
+
+
+def test_revert_of_a_reverted_revert_is_refused_until_it_settles(tmp_module):
+    """A revert that was turned around puts the patch back; a transition turns once, so
+    reverting now would be ignored: it is refused with what to do instead."""
+    m = tmp_module(TARGET)
+    patch = patch_for(m, "rev3", PATCH)
+    livepatch.apply(patch)
+    with _Busy(m):
+        t = livepatch.revert("rev3", wait=False)
+        time.sleep(0.05)
+        assert t.reverse() is t and t.reversed and t.leaves_patched
+        with pytest.raises(TransitionBusy, match="wait for it, then revert again"):
+            livepatch.revert("rev3", wait=False)
+    t.wait(10)
+    assert t.state.value == "reversed" and [v.name for v in livepatch.patches()] == ["rev3"]
+    assert m.version() == 2
+    livepatch.revert("rev3")
+    assert m.version() == 1
+
+
 def test_thread_started_mid_transition_starts_in_new_universe(tmp_module):
     m = tmp_module(TARGET)
     patch = patch_for(m, "newthread", PATCH)

@@ -175,6 +175,11 @@ def apply(state: AgentState, request: Request) -> dict[str, Any]:
         final = _follow(transition, request, float(args.get("timeout", 30.0)))
         if transition.error is not None:
             raise transition.error
+        if not transition.leaves_patched:
+            raise livepatch.TransitionReversed(
+                f"{patch.name}: a revert turned the apply around before it completed; "
+                "the patch is not applied"
+            )
     except BaseException as exc:
         _audit(state, request, "apply", patch, model=model, error=exc)
         raise
@@ -206,6 +211,11 @@ def revert(state: AgentState, request: Request) -> dict[str, Any]:
             final = _follow(transition, request, float(args.get("timeout", 30.0)))
             if transition.error is not None:
                 raise transition.error
+            if transition.leaves_patched:
+                raise livepatch.TransitionReversed(
+                    f"{name}: the revert was turned around before it completed; the patch "
+                    "is still applied"
+                )
             outcome = "reverted"
     except BaseException as exc:
         _audit(state, request, "revert", None, name=name, sha=sha, model=model, error=exc)
