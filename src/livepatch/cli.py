@@ -428,6 +428,12 @@ def _report_outcome(pid: int, result: dict[str, Any], verb: str) -> None:
         f"{t.get('model')}, {t.get('tasks_switched')}/{t.get('tasks_total')} tasks switched "
         f"in {float(t.get('elapsed') or 0):.3f}s"
     )
+    past = t.get("forced_past") or []
+    if past:
+        out.print(f"  [yellow]forced past {len(past)} task(s) in old code; they may mix "
+                  "versions until their frames return:[/yellow]")
+        for blocker in past:
+            out.print(f"    {blocker.get('task')}: {', '.join(blocker.get('frames') or [])}")
 
 
 def _dry_run(pid: int, request: dict[str, Any], tree: bool, defer: bool, as_json: bool) -> None:

@@ -176,6 +176,9 @@ class Transition:
         self.timeout = timeout
         self.force = force
         self.forced = False
+        #: when forced: the tasks (and suspended generators) that held old code then, and
+        #: so may run old and new versions together
+        self.forced_past: list[Blocker] = []
         #: True once the transition has been turned around (timeout or revert)
         self.reversed = False
         self.state = State.RUNNING
@@ -277,6 +280,7 @@ class Transition:
             "tasks_switched": switched,
             "blockers": [b.to_dict() for b in blockers],
             "forced": self.forced,
+            "forced_past": [b.to_dict() for b in self.forced_past],
             "reversed": self.reversed,
             "paused": self.paused,
             "functions": [c.slot.key for c in self.changes],
@@ -440,7 +444,12 @@ def _fail(t: Transition, error: PatchError | None, state: State = State.FAILED) 
 def _run_immediate(t: Transition) -> None:
     if t.force and t.model is not Model.IMMEDIATE:
         t.forced = True
-        log.warning("%s transition forced (%s): no consistency check", _label(t), t.model.value)
+        # no check to wait for, but the engineer who forced it should know who may now
+        # mix versions: one look at every stack (and suspended generator)
+        olds = [code for c in t.changes for code in (c.old.code, *c.enclosing[0])]
+        t.forced_past = _holders(olds, threading.get_ident())
+        log.warning("%s transition forced (%s): no consistency check%s", _label(t),
+                    t.model.value, _forced_past(t))
     try:
         t.hooks.finalize(t)
     except PatchError as exc:
@@ -448,6 +457,15 @@ def _run_immediate(t: Transition) -> None:
         _fail(t, exc)
         return
     _complete(t)
+
+
+def _forced_past(t: Transition) -> str:
+    """The tail of a forced transition's log line: what ran old code when it was forced."""
+    if not t.forced_past:
+        return "; no task ran the old code"
+    shown = "; ".join(f"{b.task} at {', '.join(b.frames[:2])}" for b in t.forced_past[:3])
+    more = f" and {len(t.forced_past) - 3} more" if len(t.forced_past) > 3 else ""
+    return f"; forced past {len(t.forced_past)} task(s) in old code: {shown}{more}"
 
 
 def _start_worker(t: Transition, target: Any) -> None:
@@ -542,6 +560,9 @@ def _run_stop(t: Transition) -> None:
             return
         if finalized:
             t.forced = forced
+            if forced:  # what the last check found: who may mix versions now
+                t.forced_past = list(t.blockers)
+                log.warning("%s transition forced (stop)%s", _label(t), _forced_past(t))
             t._report([], pause.others + 1, pause.others + 1)
             _complete(t)
             return
@@ -641,8 +662,9 @@ def _run_dispatch(t: Transition) -> None:
     while True:
         if "force" in t._requests:
             t.forced = True
-            log.warning("%s transition forced (%s): %d task(s) had not switched",
-                        _label(t), t.model.value, len(u.behind()))
+            t.forced_past = list(t.blockers)
+            log.warning("%s transition forced (%s): %d task(s) had not switched%s",
+                        _label(t), t.model.value, len(u.behind()), _forced_past(t))
             _end_dispatch(t, forced=True)
             return
         u.check_all(switch=u.hybrid)

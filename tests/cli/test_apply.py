@@ -147,6 +147,20 @@ def test_revert_mid_apply_turns_it_around_and_the_apply_says_so(lp, target) -> N
     assert target.ask("release") == "released"
 
 
+def test_forced_apply_names_the_tasks_it_forced_past(lp, target) -> None:
+    assert target.ask("slow 60") == "started"
+    patch = write_patch(lp.tmp, "slowfix", SLOW_FIX)
+    try:
+        done = cli(lp, "apply", str(patch), "--pid", str(target.pid), "--force")
+        assert done.returncode == 0, done.stderr
+        assert "(forced)" in done.stdout and "forced past 1 task(s)" in done.stdout, done.stdout
+        assert "in slow" in done.stdout, done.stdout
+        code, result = cli_json(lp, "revert", "fix-slow", "--pid", str(target.pid))
+        assert code == 0 and result["transition"]["forced_past"] == []
+    finally:
+        assert target.ask("release") == "released"
+
+
 def test_target_exiting_mid_apply_is_reported(lp, target) -> None:
     marker = lp.tmp / "in-pre-patch"
     patch = write_patch(lp.tmp, "sleepy", SLEEPY_FIX.replace("MARKER", str(marker)))

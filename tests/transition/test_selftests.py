@@ -279,26 +279,48 @@ def test_lingering_generator_times_out_and_reverses(tmp_module):
     assert next(g) == 1
 
 
-def test_force_completes_at_once(tmp_module):
+def _forced_past_busy(t: livepatch.Transition) -> None:
+    """The forced transition names the task it forced past, and where it was."""
+    assert [b.task for b in t.forced_past if "lptest-busy" in b.task], t.forced_past
+    frames = [f for b in t.forced_past for f in b.frames]
+    assert any(f.endswith(" in busy") for f in frames), frames
+    assert t.to_dict()["forced_past"][0]["frames"], t.to_dict()
+
+
+def test_force_completes_at_once(tmp_module, caplog):
     m = tmp_module(TARGET)
     patch = patch_for(m, "force", PATCH)
+    caplog.set_level(logging.INFO, logger="livepatch.transition")
     with _Busy(m):
         t = livepatch.apply(patch, force=True)
         assert t.done and t.forced and t.state.value == "complete"
         assert m.version() == 2
+        _forced_past_busy(t)
     assert [p.forced for p in livepatch.patches()] == [True]
+    assert "forced past 1 task(s) in old code: thread lptest-busy" in caplog.text
 
 
-def test_force_complete_in_flight(tmp_module):
+def test_force_with_no_task_in_old_code_says_so(tmp_module, caplog):
+    m = tmp_module(TARGET)
+    patch = patch_for(m, "force-idle", PATCH)
+    caplog.set_level(logging.INFO, logger="livepatch.transition")
+    t = livepatch.apply(patch, force=True)
+    assert t.forced and t.forced_past == []
+    assert "no task ran the old code" in caplog.text
+
+
+@pytest.mark.parametrize("model", ["hybrid", "stop"])
+def test_force_complete_in_flight(tmp_module, model):
     m = tmp_module(TARGET)
     patch = patch_for(m, "force-later", PATCH)
     with _Busy(m):
-        t = livepatch.apply(patch, wait=False)
+        t = livepatch.apply(patch, model=model, wait=False)
         time.sleep(0.05)
         assert not t.done
         t.force_complete().wait(10)
         assert t.forced and m.version() == 2
         assert m.version.__code__.co_filename != "<livepatch dispatch>"
+        _forced_past_busy(t)
 
 
 def test_one_transition_at_a_time(tmp_module):
