@@ -283,7 +283,7 @@ def _transition_view(
             frames = blocker.get("frames") or []
             table.add_row(str(blocker.get("task")), "\n".join(frames[:frames_shown]) or "-")
         if blockers_shown is not None and len(blockers) > blockers_shown:
-            table.add_row(f"... {len(blockers) - blockers_shown} more", "")
+            table.add_row(f"... {len(blockers) - blockers_shown} more", "(--json lists all)")
         parts.append(table)
     return Group(*parts)
 
@@ -640,8 +640,9 @@ def status(pid: int, as_json: bool) -> None:
         )
     transition = result.get("transition")
     if transition:
-        # every blocker and every frame: status is where an engineer looks for them
-        out.print(_transition_view(transition, "transition in flight", None, None))
+        # every frame, and blockers up to a screenful or so (a loop of a thousand
+        # tasks may hold the transition): status is where an engineer looks for them
+        out.print(_transition_view(transition, "transition in flight", 50, None))
     else:
         out.print("  no transition in flight")
 
