@@ -106,11 +106,26 @@ def _bury(ref: weakref.ref[CodeType]) -> None:
         _buried.append(found[1:])
 
 
+#: names swept out of the builtins, to be used again. A name is interned with the code
+#: that reads it, and an interned string lives for good on 3.12+ (it is immortal): a new
+#: name per function per transition would grow the process for as long as it is patched
+_free_names: list[str] = []
+
+
 def _sweep_tombstones() -> None:
     """Take out of the builtins the states that no trampoline can read any more."""
     while _buried:
         holder, name = _buried.pop()
         holder.pop(name, None)
+        _free_names.append(name)
+
+
+def _state_name() -> str:
+    """A builtins name no live trampoline reads."""
+    try:
+        return _free_names.pop()
+    except IndexError:
+        return f"__livepatch_{next(_ids)}__"
 
 
 _templates: dict[tuple[Any, ...], CodeType] = {}
@@ -530,7 +545,7 @@ class Universe:
     def _prepare(self, func: FunctionType, old: Version, new: Version) -> _Entry:
         defaults, kwdefaults = func.__defaults__, func.__kwdefaults__
         clones = (_clone(func, old, defaults, kwdefaults), _clone(func, new, defaults, kwdefaults))
-        name = f"__livepatch_{next(_ids)}__"
+        name = _state_name()
         trampoline, exact = trampoline_for(func, old, new, defaults, kwdefaults, name)
         entry = _Entry(
             func,

@@ -12,13 +12,16 @@ from __future__ import annotations
 import sys
 import threading
 import time
+import weakref
 from types import CodeType
 from typing import Any
 
 _TOOL_NAME = "livepatch-exercise"
 _lock = threading.Lock()
-#: id(code) → [code, time of first run or None]; by identity, since code objects compiled
-#: from the same source compare equal
+#: id(code) → [weak reference to code, time of first run or None]; by identity, since code
+#: objects compiled from the same source compare equal. Weak: every apply makes new code
+#: objects, and an entry must go with its code (a reverted patch's), or a process that is
+#: patched and reverted for months keeps every version it ever ran.
 _first_run: dict[int, list[Any]] = {}
 _tool: int | None = None
 
@@ -42,9 +45,22 @@ def _claim_tool() -> int | None:
 
 def _on_start(code: CodeType, offset: int) -> Any:
     entry = _first_run.get(id(code))
-    if entry is not None and entry[0] is code and entry[1] is None:
+    if entry is not None and entry[0]() is code and entry[1] is None:
         entry[1] = time.time()
     return _monitoring.DISABLE
+
+
+def _forget(key: int) -> Any:
+    """The weak reference's callback: drop the entry of a code object that died. Lock-free
+    (a dict pop): it runs wherever the code object is freed, which may be inside
+    :func:`watch` holding `_lock`."""
+
+    def forget(ref: weakref.ref[CodeType]) -> None:
+        entry = _first_run.get(key)
+        if entry is not None and entry[0] is ref:
+            _first_run.pop(key, None)
+
+    return forget
 
 
 def watch(codes: list[CodeType]) -> None:
@@ -55,14 +71,19 @@ def watch(codes: list[CodeType]) -> None:
             return
         for code in codes:
             if id(code) not in _first_run:
-                _first_run[id(code)] = [code, None]
+                _first_run[id(code)] = [weakref.ref(code, _forget(id(code))), None]
                 _monitoring.set_local_events(tool, code, _monitoring.events.PY_START)
 
 
 def first_run(code: CodeType) -> float | None:
     """When `code` first ran (epoch seconds), None if not yet."""
     entry = _first_run.get(id(code))
-    return entry[1] if entry is not None and entry[0] is code else None
+    return entry[1] if entry is not None and entry[0]() is code else None
+
+
+def watched() -> int:
+    """How many code objects are watched (alive ones only)."""
+    return len(_first_run)
 
 
 def supported() -> bool:
