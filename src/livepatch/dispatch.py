@@ -604,8 +604,10 @@ class Universe:
     # -- the slow path ---------------------------------------------------------------------
 
     def slow_call(self, entry: _Entry, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        # frame 0: here; 1: the trampoline (functools.partial adds no frame); 2: the caller
-        side = self.nearest(sys._getframe(2))  # a fact about this stack: cannot go stale
+        # frame 0: here; 1: the trampoline (functools.partial adds no frame); then the
+        # caller, or none: C may call a patched function first on a stack (a greenlet's
+        # run, _thread.start_new_thread)
+        side = self.nearest(sys._getframe(1).f_back)  # a fact about this stack: cannot go stale
         from_universe = side is None
         rec = None
         mark = _NEVER

@@ -1,4 +1,4 @@
-"""Heap scans: every object that refers to given code, frozen ones included.
+"""Heap scans: every object that refers to given code (or every object), frozen ones included.
 
 Two questions have no answer but a pass over the heap: which closures run a nested
 function's code (``locate.instances_of``: ``outer.<locals>.inner`` has one function object
@@ -44,6 +44,19 @@ def referrers(codes: list[CodeType], looking_for: str) -> list[Any]:
     """Every object that refers to one of `codes` (``gc.get_referrers``), frozen objects
     included: those are unfrozen first (see the module doc). `looking_for` says what the
     scan is for, in the log line."""
+    _unfreeze(looking_for)
+    return gc.get_referrers(*codes)
+
+
+def objects(looking_for: str) -> list[Any]:
+    """Every object the collector tracks (``gc.get_objects``), frozen ones included, as
+    for :func:`referrers`. For what no code object leads to: a suspended greenlet keeps
+    its frames in its own saved stack."""
+    _unfreeze(looking_for)
+    return gc.get_objects()
+
+
+def _unfreeze(looking_for: str) -> None:
     count = gc.get_freeze_count()
     if count and not getattr(_looking, "depth", 0):
         gc.unfreeze()
@@ -51,7 +64,6 @@ def referrers(codes: list[CodeType], looking_for: str) -> list[Any]:
             "livepatch: unfroze %d object(s) (gc.freeze()) to find %s among them; the "
             "collector scans them again from now on", count, looking_for,
         )
-    return gc.get_referrers(*codes)
 
 
 @contextmanager

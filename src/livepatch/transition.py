@@ -64,7 +64,7 @@ from enum import Enum
 from types import CodeType, FrameType
 from typing import Any, Protocol
 
-from livepatch import dispatch, pace, stopworld, tasks
+from livepatch import dispatch, greenlets, pace, stopworld, tasks
 from livepatch.errors import PatchError, TransitionBusy, TransitionTimeout
 from livepatch.redirect import Slot, Version
 
@@ -199,6 +199,9 @@ class Transition:
         self._wake = threading.Event()
         self._requests: set[str] = set()  # "reverse", "force": handled by the worker
         self._universe: dispatch.Universe | None = None
+        #: the last walk for greenlets that hold finalization, when it found some:
+        #: (the goal then, when to walk again, what it found); see _greenlets_behind
+        self._greenlets: tuple[int, float, list[Blocker]] | None = None
         self._worker: threading.Thread | None = None
 
     @property
@@ -325,7 +328,7 @@ def safepoint() -> None:
         return
     universe = t._universe
     if universe is not None and universe.installed:
-        if universe.safepoint(sys._getframe(1)):
+        if universe.safepoint(sys._getframe().f_back):  # None when C called us first
             t._wake.set()
 
 
@@ -498,9 +501,20 @@ def _stop_check(t: Transition, me: int) -> list[Blocker]:
     return _holders(olds, me)
 
 
-def _holders(codes: list[CodeType], me: int | None, *, gens: bool = True) -> list[Blocker]:
+def _holders(
+    codes: list[CodeType], me: int | None, *, gens: bool = True, greenlets: bool = True
+) -> list[Blocker]:
     """Every thread (but `me`) whose stack runs one of `codes`, and with `gens`, every
-    suspended generator/coroutine that does."""
+    suspended generator/coroutine, and greenlet unless told not to, that does."""
+    blockers = _thread_holders(codes, me)
+    if gens:
+        blockers += _generator_holders(codes)
+        if greenlets:
+            blockers += _greenlet_holders(codes)
+    return blockers
+
+
+def _thread_holders(codes: list[CodeType], me: int | None) -> list[Blocker]:
     wanted = {id(code) for code in codes}
     names = tasks.thread_names()
     blockers = []
@@ -510,15 +524,29 @@ def _holders(codes: list[CodeType], me: int | None, *, gens: bool = True) -> lis
         frames = [tasks.describe(f) for f in tasks.walk(top) if id(f.f_code) in wanted]
         if frames:
             blockers.append(Blocker(f"thread {names.get(ident, '?')} ({ident})", frames))
-    gen_codes = [code for code in codes if code.co_flags & dispatch._KIND_FLAGS] if gens else []
-    if gen_codes:
-        found = tasks.suspended_with(gen_codes)
-        owners = tasks.owner_of(found, tasks.all_tasks()) if found else {}
-        for obj in found:
-            owner = owners.get(id(obj))
-            who = owner.name if owner else "no task (lingering)"
-            blockers.append(Blocker(who, [tasks.describe_gen(obj)]))
     return blockers
+
+
+def _generator_holders(codes: list[CodeType]) -> list[Blocker]:
+    """Suspended generators/coroutines running one of `codes` (a heap scan, so only for
+    codes of those kinds), named by the asyncio Task that drives each, if any."""
+    gen_codes = [code for code in codes if code.co_flags & dispatch._KIND_FLAGS]
+    if not gen_codes:
+        return []
+    found = tasks.suspended_with(gen_codes)
+    owners = tasks.owner_of(found, tasks.all_tasks()) if found else {}
+    blockers = []
+    for obj in found:
+        owner = owners.get(id(obj))
+        who = owner.name if owner else "no task (lingering)"
+        blockers.append(Blocker(who, [tasks.describe_gen(obj)]))
+    return blockers
+
+
+def _greenlet_holders(codes: list[CodeType]) -> list[Blocker]:
+    """Suspended greenlets whose stack runs one of `codes` (see :mod:`livepatch.greenlets`)."""
+    return [Blocker(who, [tasks.describe(f) for f in frames])
+            for who, frames in greenlets.holding(codes)]
 
 
 def _run_stop(t: Transition) -> None:
@@ -641,6 +669,8 @@ def _update(t: Transition) -> None:
     # the heap walk for suspended ones only once no task is behind: until then the
     # transition cannot end anyway, and behind tasks' own frames are checked already
     blockers += [b for b in _enclosing_holders(t, gens=not pending) if b.task not in named]
+    if not pending and t._greenlets is not None:  # what the last finalization check found
+        blockers += t._greenlets[2]
     t._report(blockers, u.total, u.switched())
 
 
@@ -651,7 +681,32 @@ def _enclosing_holders(t: Transition, *, gens: bool) -> list[Blocker]:
     u = t._universe
     assert u is not None
     codes = [code for c in t.changes for code in c.enclosing[1 - u.goal]]
-    return _holders(codes, None, gens=gens) if codes else []
+    return _holders(codes, None, gens=gens, greenlets=False) if codes else []
+
+
+def _greenlets_behind(t: Transition) -> list[Blocker]:
+    """Suspended greenlets in code of the side being left: enclosing code or a version.
+    Once the new code is installed directly no trampoline decides for them, so they hold
+    finalization (see :mod:`livepatch.greenlets`).
+
+    A heap walk where ``greenlet`` is loaded (tens of ms per million objects), so while
+    some greenlet holds the transition it is walked again only after ten times as long as
+    the last walk took. Only a walk that finds some is reused: finalization always
+    follows a fresh one that found none.
+    """
+    u = t._universe
+    assert u is not None
+    cached = t._greenlets
+    now = time.monotonic()
+    if cached is not None and cached[0] == u.goal and now < cached[1]:
+        return cached[2]
+    side = 1 - u.goal
+    codes = [code for c in t.changes for code in c.enclosing[side]]
+    codes += [(c.old if side == dispatch.OLD else c.new).code for c in t.changes]
+    found = _greenlet_holders(codes)
+    spent = time.monotonic() - now
+    t._greenlets = (u.goal, time.monotonic() + 10 * spent, found) if found else None
+    return found
 
 
 def _run_dispatch(t: Transition) -> None:
@@ -717,7 +772,8 @@ def _end_dispatch(t: Transition, *, forced: bool = False) -> bool:
     u = t._universe
     assert u is not None
     with _engine_lock(), u.lock, pace.paced(when=len(u.entries) >= pace.BULK):
-        if not forced and (not u.done() or _enclosing_holders(t, gens=True)):
+        if not forced and (not u.done() or _enclosing_holders(t, gens=True)
+                           or _greenlets_behind(t)):
             return False
         # before finalize, though finalize stores the same code again: remove also puts
         # back the defaults a generic trampoline replaced, which finalize leaves as they

@@ -3,9 +3,11 @@ and nothing of the trampoline is left once the transition ends."""
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import builtins
 import gc
+import sys
 import threading
 import time
 import types
@@ -106,6 +108,54 @@ def _in_transition(m, patch, model="hybrid"):
     t = livepatch.apply(patch, model=model, wait=False)
     assert not t.done
     return t, holder
+
+
+BARE_TARGET = """
+import threading
+HOLD = threading.Event()
+HELD = threading.Event()
+SEEN = []
+
+def hold():
+    HELD.set()
+    HOLD.wait(10)
+
+def record(a):
+    SEEN.append(("v1", a))
+"""
+
+BARE_PATCH = """
+@patch.function("M:hold")
+def hold():
+    HELD.set()
+    HOLD.wait(10)
+
+@patch.function("M:record")
+def record(a):
+    SEEN.append(("v2", a))
+"""
+
+
+@pytest.mark.parametrize("model", ["hybrid", "two_universe"])
+def test_a_patched_function_first_on_a_new_stack_dispatches(tmp_module, model, monkeypatch):
+    """C may call a patched function with no Python frame under it: a thread started
+    with ``_thread.start_new_thread`` (and a greenlet's first function). The trampoline
+    found no caller frame and raised ValueError."""
+    m = tmp_module(BARE_TARGET)
+    t, holder = _in_transition(m, patch_for(m, f"bare-{model}", BARE_PATCH), model)
+    errors: list[BaseException | None] = []
+    # what such a thread raises goes nowhere else
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: errors.append(u.exc_value))
+    try:
+        _thread.start_new_thread(m.record, (1,))  # the trampoline first on its stack
+        deadline = time.monotonic() + 5
+        while not (m.SEEN or errors) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert errors == [] and m.SEEN == [("v2", 1)]  # a new task: the new universe
+    finally:
+        m.HOLD.set()
+        holder.join(5)
+    t.wait(10)
 
 
 def test_every_shape_dispatches_during_the_transition(tmp_module):

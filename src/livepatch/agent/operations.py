@@ -238,9 +238,10 @@ def running_targets(patch: Any) -> list[dict[str, Any]]:
     """Which tasks (threads, asyncio tasks) run a function the patch changes right now.
 
     A snapshot — tasks keep running — taken from the same view of tasks and stacks the
-    transition uses, plus suspended generators/coroutines that hold such a frame.
+    transition uses, plus suspended generators/coroutines and greenlets that hold such a
+    frame.
     """
-    from livepatch import locate
+    from livepatch import heap, locate
 
     codes: dict[CodeType, str] = {}
     for spec in patch.functions:
@@ -252,13 +253,14 @@ def running_targets(patch: Any) -> list[dict[str, Any]]:
     if not codes:
         return []
     try:
-        return _running_in_tasks(codes)
+        with heap.looking_only():  # a dry run: leave a frozen heap frozen
+            return _running_in_tasks(codes)
     except Exception:  # the engine's task view changed: fall back to plain threads
         return _running_in_threads(codes)
 
 
 def _running_in_tasks(codes: dict[CodeType, str]) -> list[dict[str, Any]]:
-    from livepatch import tasks
+    from livepatch import greenlets, tasks
 
     snapshot = sys._current_frames()
     found = []
@@ -274,6 +276,9 @@ def _running_in_tasks(codes: dict[CodeType, str]) -> list[dict[str, Any]]:
         frame = tasks.frame_of(gen)
         if frame is not None:
             found.append({"task": tasks.describe_gen(gen), "frames": [codes[frame.f_code]]})
+    for who, frames in greenlets.holding(codes):
+        found.append({"task": who,
+                      "frames": [f"{codes[f.f_code]} ({tasks.describe(f)})" for f in frames]})
     return found
 
 
