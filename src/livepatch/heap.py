@@ -60,10 +60,32 @@ def _unfreeze(looking_for: str) -> None:
     count = gc.get_freeze_count()
     if count and not getattr(_looking, "depth", 0):
         gc.unfreeze()
-        log.warning(
-            "livepatch: unfroze %d object(s) (gc.freeze()) to find %s among them; the "
-            "collector scans them again from now on", count, looking_for,
-        )
+        line = ("livepatch: unfroze %d object(s) (gc.freeze()) to find %s among them; the "
+                "collector scans them again from now on", count, looking_for)
+        held = getattr(_held, "lines", None)
+        if held is not None:
+            held.append(line)
+        else:
+            log.warning(*line)
+
+
+#: per thread: the log lines held by :func:`logs_held`, or None
+_held = threading.local()
+
+
+@contextmanager
+def logs_held() -> Iterator[None]:
+    """Scans in this block hold their log lines and write them when it ends. The stop
+    model scans with every other thread parked, and one may be parked holding logging's
+    lock: taking it there would wait for ever."""
+    lines: list[tuple[Any, ...]] = []
+    _held.lines = lines
+    try:
+        yield
+    finally:
+        _held.lines = None
+        for line in lines:
+            log.warning(*line)
 
 
 @contextmanager

@@ -64,7 +64,7 @@ from enum import Enum
 from types import CodeType, FrameType
 from typing import Any, Protocol
 
-from livepatch import dispatch, greenlets, pace, stopworld, tasks
+from livepatch import dispatch, greenlets, heap, pace, stopworld, tasks
 from livepatch.errors import PatchError, TransitionBusy, TransitionTimeout
 from livepatch.redirect import Slot, Version
 
@@ -567,7 +567,9 @@ def _run_stop(t: Transition) -> None:
         blockers: list[Blocker] = []
         with lock:  # before parking: a parked thread must not be holding it
             t.attempts += 1
-            with stopworld.parked(avoid=[c.old.code for c in t.changes]) as pause, pace.held():
+            with heap.logs_held(), stopworld.parked(
+                avoid=[c.old.code for c in t.changes]
+            ) as pause, pace.held():
                 blockers = [] if forced else _stop_check(t, me)
                 if not blockers:
                     try:

@@ -81,6 +81,38 @@ def test_a_generator_made_before_the_freeze_holds_up_finalization(
                for r in caplog.records), caplog.text
 
 
+class _WhileParked(logging.Handler):
+    """Records, for each log record, whether the world was parked when it was written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, bool]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from livepatch import stopworld
+
+        self.seen.append((record.getMessage(), stopworld._active))
+
+
+def test_stop_logs_the_unfreeze_after_the_world_resumes(tmp_module) -> None:
+    """stop scans for generators with every other thread parked, and one may be parked
+    holding logging's lock: the unfreeze's log line must wait until they run again."""
+    m = tmp_module(TARGET)
+    g = m.gen()
+    assert next(g) == 1  # suspended in the old version: stop's check finds it
+    handler = _WhileParked()
+    logger = logging.getLogger("livepatch")
+    logger.addHandler(handler)
+    try:
+        with frozen_heap(), pytest.raises(TransitionTimeout):
+            livepatch.apply(patch_for(m, "frozen-stop", PATCH), model="stop", timeout=0.2)
+    finally:
+        logger.removeHandler(handler)
+    unfroze = [parked for message, parked in handler.seen if "unfroze" in message]
+    assert unfroze == [False], handler.seen
+    assert next(g) == 1 and m.version() == 1
+
+
 def test_closures_made_before_the_freeze_get_the_new_code(tmp_module) -> None:
     m = tmp_module(TARGET)
     handlers = [m.make_handler(n) for n in (1, 2, 3)]
