@@ -62,6 +62,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 #: the switch interval while the engine plans, and while it builds or removes the
 #: trampolines of a large patch (seconds): a waiting thread forces a hand-over after this
@@ -97,9 +98,16 @@ _saved = 0.0  # the interval to restore
 _ours = 0.0  # the interval we set, as read back
 
 
+#: threading's own registries of running and starting threads, read without its lock
+_THREADS: dict[int, Any] = getattr(threading, "_active", {})
+_STARTING: dict[Any, Any] = getattr(threading, "_limbo", {})
+
+
 def hand_over() -> None:
     """Let other threads run now, if there are any (a real sleep, not ``sleep(0)``)."""
-    if threading.active_count() > 1 and not getattr(_ran, "held", 0):
+    # not threading.active_count(): it takes a lock, and inside stop's pause a parked
+    # thread may hold it (see tasks.thread_names)
+    if not getattr(_ran, "held", 0) and len(_THREADS) + len(_STARTING) > 1:
         time.sleep(SLEEP)
     _ran.since = time.thread_time()
 

@@ -117,7 +117,14 @@ def loop_threads() -> Callable[[Any], int | None]:
 
 
 def thread_names() -> dict[int, str]:
-    return {t.ident: t.name for t in threading.enumerate() if t.ident is not None}
+    """ident → name of every thread threading knows. Lock-free: the stop model asks with
+    every other thread parked, and one may be parked holding the lock that
+    ``threading.enumerate`` takes (inside ``enumerate``, ``active_count`` or
+    ``Thread.start``), which would keep the world stopped for good."""
+    active = getattr(threading, "_active", None)
+    if not isinstance(active, dict):  # pragma: no cover - CPython 3.11 to 3.13 have it
+        return {t.ident: t.name for t in threading.enumerate() if t.ident is not None}
+    return {ident: thread.name for ident, thread in list(active.items())}
 
 
 #: livepatch's own threads (agent, transition workers) are named so; they run no patched

@@ -178,3 +178,54 @@ def test_stop_model_reports_the_pause(tmp_module):
     assert t.state.value == "complete" and t.attempts == 1
     assert 0 < t.paused < 0.5
     assert t.to_dict()["paused"] == t.paused
+
+
+_LOCK_HOLDERS = r"""
+import logging, sys, tempfile, threading, pathlib
+sys.path.insert(0, tempfile.mkdtemp())
+(pathlib.Path(sys.path[0]) / "lp_locks.py").write_text("def f():\n    return 1\n")
+import lp_locks, livepatch
+logging.basicConfig(stream=open("/dev/null", "w"), level=logging.INFO)
+done = False
+
+def enumerating():
+    while not done:
+        threading.enumerate()
+
+def counting():
+    while not done:
+        threading.active_count()
+
+def starting():
+    while not done:
+        t = threading.Thread(target=int)
+        t.start()
+        t.join()
+
+def logging_():
+    log = logging.getLogger("app")
+    while not done:
+        log.info("request served")
+
+for target in (enumerating, counting, starting, logging_):
+    threading.Thread(target=target, daemon=True).start()
+patch = livepatch.loads(
+    "import livepatch\npatch = livepatch.Patch('locks')\n"
+    "@patch.function('lp_locks:f')\ndef f():\n    return 2\n")
+for _ in range(25):
+    livepatch.apply(patch, model="stop", timeout=10)
+    livepatch.revert("locks", model="stop", timeout=10)
+done = True
+print("ok")
+"""
+
+
+def test_stop_takes_no_lock_a_parked_thread_may_hold():
+    """Threads parked inside ``threading.enumerate``, ``active_count``, ``Thread.start``
+    or a logging call hold a lock there. The stopped world listed threads with
+    ``threading.enumerate`` and counted them with ``active_count``, both taking the same
+    lock: the target hung for good, every thread parked (3.11 to 3.13, within a few
+    cycles). In a child process, so that a hang fails the test instead of hanging it."""
+    done = subprocess.run([sys.executable, "-c", _LOCK_HOLDERS], capture_output=True,
+                          text=True, timeout=90)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
