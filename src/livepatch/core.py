@@ -52,7 +52,7 @@ log = logging.getLogger("livepatch.core")
 
 #: The one lock (kernel: klp_mutex). Re-entrant: a transition finalizing from the thread
 #: that started it takes it again.
-LOCK = threading.RLock()
+LOCK = threading.RLock()  # a fork's child gets it back free: transition._after_fork_in_child
 
 # co_flags bits that make a function a generator, coroutine or async generator
 _KIND_FLAGS = 0x20 | 0x80 | 0x200

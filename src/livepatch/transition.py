@@ -56,6 +56,7 @@ engine calls it when a patch is reverted mid-transition). One transition at a ti
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -477,6 +478,35 @@ def _start_worker(t: Transition, target: Any) -> None:
     )
     t._worker = worker
     worker.start()
+
+
+def _after_fork_in_child() -> None:
+    """A child has only the thread that forked (a gunicorn master starting a worker). A
+    transition in flight at the fork would stay in flight there for good: its worker
+    thread is not in the child. Give it a new one, with new locks and events in place of
+    any a vanished thread held; the tasks it waited for are gone too, and the worker
+    counts them as ended."""
+    global _current_lock
+    _current_lock = threading.Lock()
+    # first, before any new thread can take it: the engine's lock, held by a thread that
+    # is not in the child (the forking thread's own hold, from a callback, stays)
+    engine = _engine_lock()
+    owned = getattr(engine, "_is_owned", None)
+    reinit = getattr(engine, "_at_fork_reinit", None)
+    if callable(owned) and callable(reinit) and not owned():
+        reinit()
+    t = _current
+    if t is None or t.done or t.model is Model.IMMEDIATE or t._worker is None:
+        return
+    t._done, t._wake = threading.Event(), threading.Event()
+    u = t._universe
+    if u is not None:
+        u.lock = threading.RLock()
+    _start_worker(t, _run_stop if t.model is Model.STOP else _run_dispatch)
+    t._wake.set()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _guarded(t: Transition, target: Any) -> None:
