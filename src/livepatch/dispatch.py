@@ -69,7 +69,7 @@ from dataclasses import dataclass
 from types import CodeType, FrameType, FunctionType
 from typing import Any, NamedTuple
 
-from livepatch import tasks
+from livepatch import heap, tasks
 from livepatch.errors import UnsafeChange
 from livepatch.pace import BULK, Yielder, paced
 from livepatch.redirect import KEEP, Version
@@ -728,7 +728,9 @@ class Universe:
         """Find generators/coroutines of the non-goal side that predate the dispatch."""
         if "scanning" not in self.slow:
             return 0
-        with self.lock:  # held across the scan: the goal must not flip under it
+        # held across the scan: the goal must not flip under it. A thread waiting for
+        # the lock may hold logging's: the scan's log line waits until it is released
+        with heap.logs_held(), self.lock:
             other = 1 - self.goal
             found = tasks.suspended_with(self._gen_codes(other))
             for obj in found:

@@ -78,6 +78,9 @@ def logs_held() -> Iterator[None]:
     """Scans in this block hold their log lines and write them when it ends. The stop
     model scans with every other thread parked, and one may be parked holding logging's
     lock: taking it there would wait for ever."""
+    if getattr(_held, "lines", None) is not None:  # inside another: it writes them
+        yield
+        return
     lines: list[tuple[Any, ...]] = []
     _held.lines = lines
     try:

@@ -803,7 +803,7 @@ def _end_dispatch(t: Transition, *, forced: bool = False) -> bool:
     """
     u = t._universe
     assert u is not None
-    with _engine_lock(), u.lock, pace.paced(when=len(u.entries) >= pace.BULK):
+    with heap.logs_held(), _engine_lock(), u.lock, pace.paced(when=len(u.entries) >= pace.BULK):
         if not forced and (not u.done() or _enclosing_holders(t, gens=True)
                            or _greenlets_behind(t)):
             return False
