@@ -35,6 +35,11 @@ from typing import Any
 from livepatch import heap
 
 
+def loaded() -> bool:
+    """Whether greenlets can exist here at all (the ``greenlet`` module is loaded)."""
+    return "greenlet" in sys.modules
+
+
 def suspended() -> list[Any]:
     """Every greenlet that is suspended with a frame: started, not finished, and not the
     one a thread runs now (that one's frames are its thread's stack)."""
@@ -89,7 +94,7 @@ def name(g: Any, stack: list[FrameType]) -> str:
 def holding(codes: Iterable[CodeType]) -> list[tuple[str, list[FrameType]]]:
     """Each suspended greenlet whose stack runs one of `codes`: its name and those frames."""
     wanted = {id(code) for code in codes}
-    if not wanted or "greenlet" not in sys.modules:
+    if not wanted or not loaded():
         return []
     out = []
     for g in suspended():

@@ -728,6 +728,8 @@ def _greenlets_behind(t: Transition) -> list[Blocker]:
     """
     u = t._universe
     assert u is not None
+    if not greenlets.loaded():  # the usual case: not even a list of codes to build
+        return []
     cached = t._greenlets
     now = time.monotonic()
     if cached is not None and cached[0] == u.goal and now < cached[1]:
