@@ -53,9 +53,13 @@
    reverted) with ``livepatch apply --pid``, the windows running from the command's
    start to 20 ms after it returned; the baseline window is a ``livepatch status`` (a
    command that patches nothing: starting one costs the target CPU time on 2 cores).
+7. What a process keeps per transition: 400 apply/revert cycles (hybrid) of a
+   20-function patch, with 2 threads calling it, after 50 to warm up; the growth of
+   the memory tracemalloc traces and of the objects the collector tracks. A process
+   patched and reverted for months must not grow with each transition.
 
     .venv/bin/python benchmarks/bench_transition.py [--cycles N] [--models hybrid,stop]
-        [--sections 1,2,3,4,5,6]
+        [--sections 1,2,3,4,5,6,7]
 """
 
 from __future__ import annotations
@@ -482,8 +486,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=10)
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--sections", default="1,2,3,4,5,6",
-                        help="which sections to run: 1, 2, 3, 4, 5, 6")
+    parser.add_argument("--sections", default="1,2,3,4,5,6,7",
+                        help="which sections to run: 1, 2, 3, 4, 5, 6, 7")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     logging.getLogger("livepatch").setLevel(logging.ERROR)  # "not verified" warnings
@@ -501,6 +505,32 @@ def main() -> None:
         section_5(args.cycles)
     if "6" in sections:
         section_6(args.cycles)
+    if "7" in sections:
+        section_7()
+
+
+def section_7(cycles: int = 400, warm: int = 50) -> None:
+    import tracemalloc
+
+    module = module_from(WIDE)
+    patch = wide_patch(module, "wide-growth", functions=20)
+
+    def cycle(n: int) -> None:
+        for _ in range(n):
+            livepatch.apply(patch, model="hybrid", timeout=10)
+            livepatch.revert(patch.name, model="hybrid", timeout=10)
+        gc.collect()
+
+    with wide_callers(module, 2):
+        cycle(warm)
+        tracemalloc.start()
+        objects = len(gc.get_objects())
+        cycle(cycles)
+        grown = tracemalloc.get_traced_memory()[0]
+        objects = len(gc.get_objects()) - objects
+        tracemalloc.stop()
+    print(f"\n7. growth over {cycles} apply/revert cycles of a 20-function patch (hybrid, "
+          f"2 calling threads): {grown / 1024:.1f} KiB traced, {objects:+d} tracked objects")
 
 
 def section_1(models: list[str], cycles: int) -> None:

@@ -57,6 +57,15 @@ def test_bench_transition_first_apply_in_fresh_processes() -> None:
                      re.M), out
 
 
+def test_bench_transition_heap_walks_and_growth() -> None:
+    out = run("bench_transition.py", "--sections", "4,7")
+    assert re.search(rf"suspended coroutines .*median {MS} over 5", out), out
+    assert re.search(rf"suspended greenlets before finalization: {MS} where greenlet is only "
+                     rf"imported, {MS} once one was started", out), out
+    assert re.search(r"^7\. growth over 400 apply/revert cycles .*: \d+\.\d KiB traced, "
+                     r"[+-]\d+ tracked objects$", out, re.M), out
+
+
 def test_phase_pauses_splits_each_call_at_the_engine_log_lines() -> None:
     out = run("phase_pauses.py", "--cycles", "1")
     for phase in ("apply: from call", "apply: from verified 0 of 100 function(s)",
