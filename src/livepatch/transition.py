@@ -498,6 +498,8 @@ def _after_fork_in_child() -> None:
     t = _current
     if t is None or t.done or t.model is Model.IMMEDIATE or t._worker is None:
         return
+    if t._worker is threading.current_thread():  # the worker forked (a callback): it goes on
+        return
     t._done, t._wake = threading.Event(), threading.Event()
     u = t._universe
     if u is not None:
