@@ -12,7 +12,8 @@ Models:
 
 * ``immediate`` (livepatch as merged in 4.0): finalize at once, no checks.
 * ``stop`` (kpatch): park every other thread (:mod:`livepatch.stopworld`), look at every
-  stack and every suspended generator/coroutine for a frame of an old version; if there
+  stack and every suspended generator/coroutine (and greenlet, :mod:`livepatch.greenlets`)
+  for a frame of an old version; if there
   is none, install everything while the world is parked; if there is one, resume and retry
   with backoff until the timeout, then fail naming each blocking frame. Nothing dispatches.
 * ``two_universe`` (kGraft): trampolines dispatch per task (:mod:`livepatch.dispatch`);
@@ -26,8 +27,10 @@ Models:
   next call into the patch made from a clean stack, and a worker thread re-checks the rest
   with backoff (the kernel's ``klp_try_complete_transition``).
 
-Both dispatching models finalize when every task has switched and no generator or
-coroutine of an old version is left holding a frame (Erlang's "lingering process").
+Both dispatching models finalize when every task has switched and no generator,
+coroutine or suspended greenlet of an old version is left holding a frame (Erlang's
+"lingering process"). A process that forks mid-transition gives the child's copy a
+worker of its own (:func:`_after_fork_in_child`).
 
 **Why switching a task from the worker cannot race with that task.** The worker switches
 a task only after seeing its stack hold no old frame; the task runs concurrently (the GIL
@@ -534,14 +537,14 @@ def _stop_check(t: Transition, me: int) -> list[Blocker]:
 
 
 def _holders(
-    codes: list[CodeType], me: int | None, *, gens: bool = True, greenlets: bool = True
+    codes: list[CodeType], me: int | None, *, gens: bool = True, with_greenlets: bool = True
 ) -> list[Blocker]:
     """Every thread (but `me`) whose stack runs one of `codes`, and with `gens`, every
     suspended generator/coroutine, and greenlet unless told not to, that does."""
     blockers = _thread_holders(codes, me)
     if gens:
         blockers += _generator_holders(codes)
-        if greenlets:
+        if with_greenlets:
             blockers += _greenlet_holders(codes)
     return blockers
 
@@ -715,7 +718,7 @@ def _enclosing_holders(t: Transition, *, gens: bool) -> list[Blocker]:
     u = t._universe
     assert u is not None
     codes = [code for c in t.changes for code in c.enclosing[1 - u.goal]]
-    return _holders(codes, None, gens=gens, greenlets=False) if codes else []
+    return _holders(codes, None, gens=gens, with_greenlets=False) if codes else []
 
 
 def _greenlets_behind(t: Transition) -> list[Blocker]:
@@ -723,7 +726,7 @@ def _greenlets_behind(t: Transition) -> list[Blocker]:
     Once the new code is installed directly no trampoline decides for them, so they hold
     finalization (see :mod:`livepatch.greenlets`).
 
-    A heap walk where ``greenlet`` is loaded (tens of ms per million objects), so while
+    A heap walk where greenlets were started (about 90 ms per million objects), so while
     some greenlet holds the transition it is walked again only after ten times as long as
     the last walk took. Only a walk that finds some is reused: finalization always
     follows a fresh one that found none.
