@@ -73,3 +73,45 @@ def test_a_child_forked_mid_transition_finishes_it(model):
     done = subprocess.run([sys.executable, "-c", SCRIPT, model], capture_output=True,
                           text=True, timeout=90)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+FROM_THE_WORKER = r"""
+import builtins, os, sys, tempfile, threading, time, pathlib
+sys.path.insert(0, tempfile.mkdtemp())
+(pathlib.Path(sys.path[0]) / "lp_fork2.py").write_text(
+    "import threading\nHOLD = threading.Event()\nHELD = threading.Event()\n"
+    "def hold():\n    HELD.set()\n    HOLD.wait(60)\n"
+    "def f():\n    return 1\n")
+import lp_fork2, livepatch
+builtins.CHILDREN = []
+patch = livepatch.loads(
+    "import os, time, livepatch\npatch = livepatch.Patch('fork2')\n"
+    "@patch.function('lp_fork2:f')\ndef f():\n    return 2\n"
+    "@patch.function('lp_fork2:hold')\ndef hold():\n    HELD.set()\n    HOLD.wait(60)\n"
+    "@patch.post_patch\ndef forks():\n"
+    "    pid = os.fork()\n"
+    "    if pid:\n        CHILDREN.append(pid)\n        return\n"
+    "    time.sleep(0.5)\n"
+    "    states = [v.state for v in livepatch.patches()]\n"
+    "    good = livepatch.transition() is None and states == ['applied']\n"
+    "    os._exit(0 if good else 3)\n")
+holder = threading.Thread(target=lp_fork2.hold, daemon=True)
+holder.start()
+lp_fork2.HELD.wait()
+t = livepatch.apply(patch, wait=False, timeout=30)
+time.sleep(0.2)
+lp_fork2.HOLD.set()  # the worker finalizes, then runs post_patch in its own thread
+t.wait(10)
+assert len(CHILDREN) == 1, CHILDREN
+_, status = os.waitpid(CHILDREN[0], 0)
+assert os.waitstatus_to_exitcode(status) == 0, "the child failed"
+print("ok")
+"""
+
+
+def test_a_fork_from_a_post_patch_callback_leaves_the_child_patched():
+    """post_patch runs in the transition's worker, after the transition has left the
+    slot: a child forked there has the patch applied and no transition in flight."""
+    done = subprocess.run([sys.executable, "-c", FROM_THE_WORKER], capture_output=True,
+                          text=True, timeout=90)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

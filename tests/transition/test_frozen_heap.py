@@ -135,3 +135,22 @@ def test_a_plan_leaves_the_heap_frozen_and_says_applying_will_not(tmp_module) ->
     assert any("gc.freeze()" in note and "gc.unfreeze()" in note and "gen" in note
                for note in the_plan.notes), the_plan.notes
     g.close()
+
+
+def test_the_agents_dry_run_leaves_the_heap_frozen(tmp_module) -> None:
+    """``livepatch apply --dry-run`` lists who runs the patch's functions, suspended
+    generators too; the agent did that outside ``heap.looking_only``, so a dry run of a
+    patch with a generator target unfroze the heap."""
+    from livepatch.agent.operations import running_targets
+
+    m = tmp_module(TARGET)
+    g = m.gen()
+    assert next(g) == 1
+    patch = patch_for(m, "frozen-dry", PATCH)
+    with frozen_heap():
+        running = running_targets(patch)
+        assert gc.get_freeze_count() > 0  # unfreezing makes it 0
+    assert running == []  # frozen, so not seen: as the plan says
+    seen = [r["task"] for r in running_targets(patch)]
+    assert len(seen) == 1 and seen[0].startswith(f"generator gen suspended at {m.__file__}:")
+    assert seen[0].endswith(" in gen"), seen
