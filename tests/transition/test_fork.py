@@ -15,14 +15,18 @@ import sys
 
 import pytest
 
-SCRIPT = r"""
-import os, sys, tempfile, threading, time, pathlib
+#: both scripts' target: `hold` keeps a thread in the old version until HOLD is set
+TARGET = r"""
+import builtins, os, sys, tempfile, threading, time, pathlib
 sys.path.insert(0, tempfile.mkdtemp())
 (pathlib.Path(sys.path[0]) / "lp_fork.py").write_text(
     "import threading\nHOLD = threading.Event()\nHELD = threading.Event()\n"
     "def hold():\n    HELD.set()\n    HOLD.wait(60)\n"
     "def f():\n    return 1\n")
 import lp_fork, livepatch
+"""
+
+SCRIPT = TARGET + r"""
 MODEL = sys.argv[1]
 patch = livepatch.loads(
     "import livepatch\npatch = livepatch.Patch('fork')\n"
@@ -75,19 +79,12 @@ def test_a_child_forked_mid_transition_finishes_it(model):
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
-FROM_THE_WORKER = r"""
-import builtins, os, sys, tempfile, threading, time, pathlib
-sys.path.insert(0, tempfile.mkdtemp())
-(pathlib.Path(sys.path[0]) / "lp_fork2.py").write_text(
-    "import threading\nHOLD = threading.Event()\nHELD = threading.Event()\n"
-    "def hold():\n    HELD.set()\n    HOLD.wait(60)\n"
-    "def f():\n    return 1\n")
-import lp_fork2, livepatch
+FROM_THE_WORKER = TARGET + r"""
 builtins.CHILDREN = []
 patch = livepatch.loads(
     "import os, time, livepatch\npatch = livepatch.Patch('fork2')\n"
-    "@patch.function('lp_fork2:f')\ndef f():\n    return 2\n"
-    "@patch.function('lp_fork2:hold')\ndef hold():\n    HELD.set()\n    HOLD.wait(60)\n"
+    "@patch.function('lp_fork:f')\ndef f():\n    return 2\n"
+    "@patch.function('lp_fork:hold')\ndef hold():\n    HELD.set()\n    HOLD.wait(60)\n"
     "@patch.post_patch\ndef forks():\n"
     "    pid = os.fork()\n"
     "    if pid:\n        CHILDREN.append(pid)\n        return\n"
@@ -95,12 +92,12 @@ patch = livepatch.loads(
     "    states = [v.state for v in livepatch.patches()]\n"
     "    good = livepatch.transition() is None and states == ['applied']\n"
     "    os._exit(0 if good else 3)\n")
-holder = threading.Thread(target=lp_fork2.hold, daemon=True)
+holder = threading.Thread(target=lp_fork.hold, daemon=True)
 holder.start()
-lp_fork2.HELD.wait()
+lp_fork.HELD.wait()
 t = livepatch.apply(patch, wait=False, timeout=30)
 time.sleep(0.2)
-lp_fork2.HOLD.set()  # the worker finalizes, then runs post_patch in its own thread
+lp_fork.HOLD.set()  # the worker finalizes, then runs post_patch in its own thread
 t.wait(10)
 assert len(CHILDREN) == 1, CHILDREN
 _, status = os.waitpid(CHILDREN[0], 0)
