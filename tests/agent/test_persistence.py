@@ -118,3 +118,31 @@ def test_agent_started_late_applies_recorded_patches_to_loaded_modules(lp, make_
     restored = [r for r in lp.audit_records() if r["pid"] != first.pid]
     assert restored and restored[-1]["result"] == "ok"
     assert "restored" in restored[-1]["message"]
+
+
+def test_a_programs_records_are_named_for_what_the_interpreter_runs(monkeypatch) -> None:
+    """The record's file name starts with the module, script or -c the interpreter runs,
+    not with an option's value (uvicorn's ``--log-level warning`` once named it
+    ``warning-…``); the digest of the whole identity keeps programs apart."""
+    from livepatch.agent import persist
+
+    monkeypatch.delenv(persist.PROGRAM_ENV, raising=False)
+    names = {}
+    for argv in (
+        ["python", "-m", "uvicorn", "app:app", "--log-level", "warning"],
+        ["python", "-X", "dev", "/srv/bin/gunicorn", "-w", "2", "app:application"],
+        ["python", "-c", "import app"],
+        ["python", "-mhttp.server", "8000"],
+        ["python"],
+    ):
+        monkeypatch.setattr("sys.orig_argv", argv)
+        names[argv[-1]] = persist.program_key().rsplit("-", 1)[0]
+    assert names == {
+        "warning": "uvicorn",
+        "app:application": "gunicorn",
+        "import app": "python-c",
+        "8000": "http.server",
+        "python": "python",
+    }
+    monkeypatch.setenv(persist.PROGRAM_ENV, "billing api")
+    assert persist.program_key().startswith("billing_api-")

@@ -70,11 +70,33 @@ def program_identity() -> list[str]:
 
 
 def program_key() -> str:
+    """The file name of the program's records: a readable stem and a digest of the
+    identity (``uvicorn-<digest>`` for ``python -m uvicorn app:app --log-level debug``)."""
     ident = program_identity()
     digest = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
-    words = [w for w in ident[1:] if not w.startswith("-")] if len(ident) > 1 else ident
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(words[-1] if words else "py"))
+    words = _command_name(ident[2:]) if len(ident) > 1 else ident[0]
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(words))
     return f"{stem[:40]}-{digest}"
+
+
+#: interpreter options that take the next word as their value
+_VALUED = frozenset({"-X", "-W", "-Q"})
+
+
+def _command_name(args: list[str]) -> str:
+    """What the interpreter runs, from its arguments: the module of ``-m``, the script,
+    ``-c``, or ``python`` (an option's value, ``--log-level debug``, is no name)."""
+    words = iter(args)
+    for word in words:
+        if word.startswith("-m"):  # -m module, or -mmodule
+            return word[2:] or next(words, "python")
+        if word.startswith("-c"):
+            return "python-c"
+        if word in _VALUED:
+            next(words, None)
+        elif not word.startswith("-") or word == "-":
+            return word if word != "-" else "python-stdin"
+    return "python"
 
 
 class ProgramRecords:
