@@ -89,7 +89,9 @@ def _fail(exc: BaseException, as_json: bool) -> NoReturn:
     code = getattr(exc, "code", "error")
     message = " ".join(str(exc).split()) or type(exc).__name__
     if as_json:
-        _print_json({"ok": False, "code": code, "message": message})
+        document = {"ok": False, "code": code, "message": message}
+        details = getattr(exc, "details", {})
+        _print_json(document | {k: v for k, v in details.items() if k not in document})
     else:
         err.print(Text(f"livepatch: error: {message}", style="red"))
     sys.exit(exit_code_for(exc))

@@ -7,6 +7,8 @@ are one line, so the CLI and the agent can show them as they are.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class PatchError(Exception):
     """Base class: the patch was refused or failed and nothing in the process changed."""
@@ -18,6 +20,10 @@ class PatchError(Exception):
         # one line, always: messages embed text from user code and exceptions
         lines = [line.strip() for line in str(message).splitlines() if line.strip()]
         super().__init__(" / ".join(lines), *args)
+        #: what the message says, for programs (JSON-ready): a timeout's ``blockers``,
+        #: the agent's final ``transition``; sent in the agent's error frame, printed by
+        #: ``--json``
+        self.details: dict[str, Any] = {}
 
 
 class PatchFileError(PatchError):
@@ -57,9 +63,16 @@ class StateMismatch(PatchError):
 
 
 class TransitionTimeout(PatchError):
-    """Some task never reached a safe point in time; the transition was reversed."""
+    """Some task never reached a safe point in time; the transition was reversed.
+
+    ``details["blockers"]``: each blocker when it timed out, as
+    ``{"task": ..., "frames": [...]}`` (the message shows the first five)."""
 
     code = "transition-timeout"
+
+    def __init__(self, message: str, blockers: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.details["blockers"] = list(blockers or [])
 
 
 class TransitionReversed(PatchError):

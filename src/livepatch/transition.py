@@ -251,7 +251,8 @@ class Transition:
         if not self._done.wait(timeout):
             raise TransitionTimeout(
                 f"transition of {self.patch} still running after {timeout:.1f}s; "
-                "call wait() again or revert it"
+                "call wait() again or revert it",
+                [b.to_dict() for b in self.blockers],
             )
         if self.error is not None:
             raise self.error
@@ -634,7 +635,7 @@ def _run_stop(t: Transition) -> None:
         total = pause.others + 1
         t._report(blockers, total, total - len({b.task for b in blockers}))
         if time.monotonic() + delay > t._deadline:
-            error = TransitionTimeout(_timeout_message(t, "activeness safety check failed"))
+            error = _timed_out(t, "activeness safety check failed")
             log.warning("%s", error)
             t.reversed = True
             t.hooks.unwind(t, error)
@@ -643,6 +644,10 @@ def _run_stop(t: Transition) -> None:
         t._wake.wait(delay)
         t._wake.clear()
         delay = min(delay * 2, 0.1)
+
+
+def _timed_out(t: Transition, what: str) -> TransitionTimeout:
+    return TransitionTimeout(_timeout_message(t, what), [b.to_dict() for b in t.blockers])
 
 
 def _timeout_message(t: Transition, what: str) -> str:
@@ -773,7 +778,7 @@ def _run_dispatch(t: Transition) -> None:
             return
         if time.monotonic() > t._deadline:
             if not t.reversed:
-                error = TransitionTimeout(_timeout_message(t, "transition timed out"))
+                error = _timed_out(t, "transition timed out")
                 log.warning("%s", error)
                 with u.lock:
                     _turn_around(t, error, None)

@@ -165,6 +165,28 @@ def wait_for(condition: Any, *, timeout: float = 15.0, what: str = "condition") 
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop_session(proc: subprocess.Popen[bytes]) -> str:
+    """SIGTERM the process group `proc` leads (a server and its workers), SIGKILL it if
+    it lingers; returns what it wrote to stderr."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    assert proc.stderr is not None
+    with proc.stderr:
+        return proc.stderr.read().decode(errors="replace")
+
+
 # ---- raw protocol access, for the tests that must speak it badly on purpose
 
 

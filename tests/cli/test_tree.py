@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
-from lp_harness import LIVEPATCH, cli, cli_json, wait_for, write_patch
+from lp_harness import LIVEPATCH, cli, cli_json, free_port, stop_session, wait_for, write_patch
 
 from livepatch.agent import discovery
 
@@ -42,12 +41,6 @@ def veto():
 def message():
     return "doomed"
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Gunicorn:
@@ -95,19 +88,12 @@ class Gunicorn:
         return {self.get().split()[1] for _ in range(n)}
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        self.proc.stderr.close()
+        stop_session(self.proc)
 
 
 @pytest.fixture
 def port() -> int:
-    return _free_port()
+    return free_port()
 
 
 def test_tree_apply_is_all_or_nothing_and_persists(lp, port) -> None:

@@ -274,6 +274,9 @@ def test_lingering_generator_times_out_and_reverses(tmp_module):
     with pytest.raises(TransitionTimeout) as info:
         livepatch.apply(patch, timeout=0.3)
     assert "gen" in str(info.value) and "lingering" in str(info.value)
+    # the same, for programs: each blocker with its frames
+    (blocker,) = info.value.details["blockers"]
+    assert "lingering" in blocker["task"] and blocker["frames"][0].endswith(" in gen"), blocker
     assert m.version() == 1
     assert livepatch.patches() == []
     assert next(g) == 1

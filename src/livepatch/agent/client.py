@@ -109,9 +109,13 @@ class AgentClient:
                         on_progress(message)
                     continue
                 if kind == "error":
-                    raise RemoteError(
+                    error = RemoteError(
                         str(message.get("code", "error")), str(message.get("message", ""))
                     )
+                    error.details.update(
+                        (k, v) for k, v in message.items() if k not in ("type", "code", "message")
+                    )
+                    raise error
                 if kind == "result":
                     return message
                 raise protocol.ProtocolError(f"agent sent a message of unknown type {kind!r}")

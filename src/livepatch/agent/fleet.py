@@ -50,7 +50,16 @@ class Member:
     error: str | None = None
     code: str | None = None
     transition: dict[str, Any] | None = None
+    #: who held up its transition when it timed out (task, frames), if it did
+    blockers: list[dict[str, Any]] | None = None
     result: dict[str, Any] = field(default_factory=dict)
+
+    def failed(self, exc: PatchError) -> None:
+        """Record `exc`, and the transition as it ended (not its last progress, which
+        may show it on its way back) with a timeout's blockers."""
+        self.error, self.code = str(exc), exc.code
+        self.transition = exc.details.get("transition", self.transition)
+        self.blockers = exc.details.get("blockers", self.blockers)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +70,7 @@ class Member:
             "error": self.error,
             "code": self.code,
             "transition": self.transition,
+            "blockers": self.blockers,
         }
 
 
@@ -132,7 +142,8 @@ def _plan(member: Member, args: dict[str, Any], on_update: Callable[[Member], No
             member.result = client.request("plan", read_timeout=60.0, **args)
         member.state = "planned"
     except PatchError as exc:
-        member.state, member.error, member.code = "failed", str(exc), exc.code
+        member.state = "failed"
+        member.failed(exc)
     on_update(member)
 
 
@@ -157,7 +168,7 @@ def _apply(
         gone = discovery.process_info(member.pid) is None
         # a worker that exits mid-apply is replaced by a fork of the (patched) master
         member.state = "exited" if gone and not member.master else "failed"
-        member.error, member.code = str(exc), exc.code
+        member.failed(exc)
     on_update(member)
 
 
@@ -177,5 +188,5 @@ def _revert(
         if discovery.process_info(member.pid) is None:
             member.state = "reverted"  # gone, and its patch with it
         else:
-            member.error, member.code = str(exc), exc.code
+            member.failed(exc)
     on_update(member)

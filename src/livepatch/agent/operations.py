@@ -174,12 +174,12 @@ def apply(state: AgentState, request: Request) -> dict[str, Any]:
         )
         final = _follow(transition, request, float(args.get("timeout", 30.0)))
         if transition.error is not None:
-            raise transition.error
+            raise _ended(transition.error, final)
         if not transition.leaves_patched:
-            raise livepatch.TransitionReversed(
+            raise _ended(livepatch.TransitionReversed(
                 f"{patch.name}: a revert turned the apply around before it completed; "
                 "the patch is not applied"
-            )
+            ), final)
     except BaseException as exc:
         _audit(state, request, "apply", patch, model=model, error=exc)
         raise
@@ -210,12 +210,12 @@ def revert(state: AgentState, request: Request) -> dict[str, Any]:
             )
             final = _follow(transition, request, float(args.get("timeout", 30.0)))
             if transition.error is not None:
-                raise transition.error
+                raise _ended(transition.error, final)
             if transition.leaves_patched:
-                raise livepatch.TransitionReversed(
+                raise _ended(livepatch.TransitionReversed(
                     f"{name}: the revert was turned around before it completed; the patch "
                     "is still applied"
-                )
+                ), final)
             outcome = "reverted"
     except BaseException as exc:
         _audit(state, request, "revert", None, name=name, sha=sha, model=model, error=exc)
@@ -405,6 +405,13 @@ def _deferred_done(
             )
 
     return done
+
+
+def _ended(error: PatchError, final: dict[str, Any]) -> PatchError:
+    """`error`, carrying the transition as it ended (the client's last progress frame
+    showed it mid-way, perhaps on its way back)."""
+    error.details["transition"] = final
+    return error
 
 
 def _follow(transition: Any, request: Request, timeout: float) -> dict[str, Any]:

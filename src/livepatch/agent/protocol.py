@@ -9,7 +9,8 @@ declares, with the declared type (`validate`). Unknown keys are errors, not igno
 typo in a client never silently changes what a patch does. Replies are objects with a
 `"type"`: `"progress"` (zero or more, while a transition runs), then exactly one
 `"result"` or `"error"`. Errors carry a stable `code` (the `PatchError.code` of the
-refusal, or one of the protocol codes below) and a one-line `message`.
+refusal, or one of the protocol codes below), a one-line `message`, and whatever the
+error's `details` hold (a timeout's `blockers`, the transition as it ended).
 """
 
 from __future__ import annotations
@@ -164,7 +165,13 @@ def error(code: str, message: str) -> dict[str, Any]:
 
 def error_from(exc: BaseException) -> dict[str, Any]:
     code = getattr(exc, "code", None) if isinstance(exc, PatchError) else None
-    return error(code or "internal-error", _one_line(str(exc)) or exc.__class__.__name__)
+    frame = error(code or "internal-error", _one_line(str(exc)) or exc.__class__.__name__)
+    if isinstance(exc, PatchError):
+        # never over the frame's own keys; and the frame must stay under MAX_FRAME
+        extra = {k: v for k, v in exc.details.items() if k not in frame}
+        if extra and len(json.dumps(extra, default=str)) < MAX_FRAME // 4:
+            frame.update(extra)
+    return frame
 
 
 def result(**fields: Any) -> dict[str, Any]:
