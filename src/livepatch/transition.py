@@ -530,6 +530,16 @@ def _guarded(t: Transition, target: Any) -> None:
 # -- stop (kpatch) ----------------------------------------------------------------------
 
 
+def _report_stop(t: Transition, blockers: list[Blocker]) -> None:
+    """Progress as the other models count it (threads and asyncio Tasks, not livepatch's
+    own): those not held count as switched. Lingering generators are no task, and the
+    threads parked in the pause included the worker, so stop once showed 4 tasks in a
+    server with 11, and -4/4 switched when coroutines held it."""
+    total = len(tasks.all_tasks())
+    held = {b.task for b in blockers if b.task.startswith(("thread ", "task "))}
+    t._report(blockers, total, max(0, total - len(held)))
+
+
 def _stop_check(t: Transition, me: int) -> list[Blocker]:
     """With the world parked: which task holds a frame of an old version?"""
     olds = [c.old.code for c in t.changes]
@@ -629,11 +639,10 @@ def _run_stop(t: Transition) -> None:
             if forced:  # what the last check found: who may mix versions now
                 t.forced_past = list(t.blockers)
                 log.warning("%s transition forced (stop)%s", _label(t), _forced_past(t))
-            t._report([], pause.others + 1, pause.others + 1)
+            _report_stop(t, [])
             _complete(t)
             return
-        total = pause.others + 1
-        t._report(blockers, total, total - len({b.task for b in blockers}))
+        _report_stop(t, blockers)
         if time.monotonic() + delay > t._deadline:
             error = _timed_out(t, "activeness safety check failed")
             log.warning("%s", error)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -229,3 +230,53 @@ def test_stop_takes_no_lock_a_parked_thread_may_hold():
     done = subprocess.run([sys.executable, "-c", _LOCK_HOLDERS], capture_output=True,
                           text=True, timeout=90)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+CORO_TARGET = """
+import asyncio
+
+async def serve(gate):
+    await gate.wait()
+    return 1
+"""
+
+CORO_PATCH = """
+@patch.function("M:serve")
+async def serve(gate):
+    await gate.wait()
+    return 2
+"""
+
+
+def test_stop_counts_tasks_as_the_other_models_do(tmp_module):
+    """Threads and asyncio Tasks, not the threads parked: 5 Tasks suspended in the old
+    coroutine once showed as '-4/4 tasks switched'."""
+    m = tmp_module(CORO_TARGET)
+    patch = patch_for(m, "stop-count", CORO_PATCH)
+    loop = asyncio.new_event_loop()
+    gate = asyncio.Event()
+    serving = [loop.create_task(m.serve(gate)) for _ in range(5)]
+    runner = threading.Thread(target=loop.run_forever, name="lptest-loop")
+    runner.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not all(s._coro.cr_await is not None for s in serving):  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        t = livepatch.apply(patch, model="stop", wait=False, timeout=10)
+        while t.attempts < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        # this thread, the loop's, and the 5 Tasks (at least: the suite may run others)
+        held = [b for b in t.blockers if b.task.startswith("task ")]
+        assert len(held) == 5, t.blockers
+        assert t.tasks_total >= 7 and 0 <= t.tasks_switched == t.tasks_total - 5, t
+        loop.call_soon_threadsafe(gate.set)
+        t.wait(10)
+        assert t.state.value == "complete" and t.tasks_switched == t.tasks_total
+    finally:
+        loop.call_soon_threadsafe(gate.set)
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(10)
+        loop.close()
+    assert [s.result() for s in serving] == [1] * 5
