@@ -266,10 +266,11 @@ def _transition_view(
         return Group(Text(title))
     total = int(t.get("tasks_total") or 0)
     switched = int(t.get("tasks_switched") or 0)
+    state = _shown_state(t)
     header = Text.assemble(
         (title, "bold"),
         f"  model {t.get('model')}  {t.get('direction')}  ",
-        (str(t.get("state")), _state_style(str(t.get("state")))),
+        (state, _state_style(state)),
         f"  {float(t.get('elapsed') or 0):.2f}s",
         ("  forced" if t.get("forced") else "", "yellow"),
     )
@@ -290,11 +291,19 @@ def _transition_view(
     return Group(*parts)
 
 
+def _shown_state(t: dict[str, Any]) -> str:
+    """A transition's state, and "reversing" for one running on its way back (after a
+    timeout or a revert: its counts now run back towards the old code)."""
+    state = str(t.get("state"))
+    return "reversing" if state == "running" and t.get("reversed") else state
+
+
 def _state_style(state: str) -> str:
     return {
         "complete": "green",
         "applied": "green",
         "running": "cyan",
+        "reversing": "yellow",
         "reversed": "yellow",
         "failed": "red",
     }.get(state, "")
@@ -327,13 +336,15 @@ class _Progress:
             self.live.update(_transition_view(t, self.title))
             return
         blocked = len(t.get("blockers") or [])
-        key = (t.get("state"), t.get("tasks_switched"), t.get("tasks_total"), blocked)
+        state = _shown_state(t)
+        key = (state, t.get("tasks_switched"), t.get("tasks_total"), blocked)
         if key != self.last:
             self.last = key
             blockers = ", ".join(str(b.get("task")) for b in (t.get("blockers") or [])[:3])
+            tasks = (f" tasks {t.get('tasks_switched')}/{t.get('tasks_total')}"
+                     if t.get("tasks_total") else "")  # none counted yet (stop, before its check)
             out.print(
-                f"{self.title}: {t.get('state')} tasks {t.get('tasks_switched')}/"
-                f"{t.get('tasks_total')} {float(t.get('elapsed') or 0):.2f}s"
+                f"{self.title}: {state}{tasks} {float(t.get('elapsed') or 0):.2f}s"
                 + (f" blocked by {blockers}" if blockers else "")
             )
 

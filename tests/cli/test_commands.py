@@ -144,3 +144,23 @@ def test_a_broken_optional_command_fails_alone() -> None:
         assert runner.invoke(cli_module.main, ["check", "--help"]).exit_code == 0
     finally:
         cli_module.main.commands.pop("broken-x", None)
+
+
+def test_progress_says_when_a_transition_is_on_its_way_back(capsys) -> None:
+    """After a timeout or a revert the counts run back towards the old code: the line
+    says "reversing", not "running"; and no "tasks 0/0" before stop's first check."""
+    from livepatch.cli import _Progress
+
+    progress = _Progress("pid 7", enabled=True)
+    base = {"state": "running", "elapsed": 0.0, "tasks_total": 0, "tasks_switched": 0,
+            "reversed": False, "blockers": []}
+    progress.update({"transition": base})
+    progress.update({"transition": base | {"tasks_total": 9, "tasks_switched": 8,
+                                           "blockers": [{"task": "thread MainThread"}]}})
+    progress.update({"transition": base | {"tasks_total": 9, "tasks_switched": 1,
+                                           "reversed": True, "elapsed": 30.0}})
+    assert capsys.readouterr().out.splitlines() == [
+        "pid 7: running 0.00s",
+        "pid 7: running tasks 8/9 0.00s blocked by thread MainThread",
+        "pid 7: reversing tasks 1/9 30.00s",
+    ]
