@@ -108,10 +108,23 @@ def handles_errors(fn: F) -> F:
         except (PatchError, CommandFailed) as exc:
             _fail(exc, as_json)
         except KeyboardInterrupt:
-            err.print("livepatch: interrupted; the target carries on with what it was doing")
+            err.print("livepatch: interrupted; the target carries on with what its agent had "
+                      "started (a request it had not started yet is dropped)")
             sys.exit(130)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _silence(pid: int) -> Callable[[float, str], None]:
+    """What to say (on stderr, so --json stays one document) while the agent of `pid`
+    does not answer."""
+
+    def say(waited: float, why: str) -> None:
+        err.print(f"livepatch: pid {pid}: no answer from its agent for {waited:.0f}s; {why}; "
+                  "still waiting (Ctrl-C gives up: a request the agent has not started yet "
+                  "is dropped)")
+
+    return say
 
 
 def json_option(fn: F) -> F:
@@ -414,7 +427,8 @@ def apply(
         _apply_tree(pid, request, timeout, as_json)
         return
     with AgentClient(pid) as client, _Progress(f"pid {pid}", not as_json) as progress:
-        result = client.request("apply", progress.update, read_timeout=timeout + 60.0, **request)
+        result = client.request("apply", progress.update, read_timeout=timeout + 60.0,
+                                on_silence=_silence(pid), **request)
     if as_json:
         _print_json({"ok": True, "pid": pid, **_strip_type(result)})
         return
@@ -576,6 +590,7 @@ def revert(
                     "revert",
                     progress.update,
                     read_timeout=timeout + 60.0,
+                    on_silence=_silence(target),
                     name=name,
                     model=model,
                     timeout=timeout,
@@ -610,8 +625,8 @@ def revert(
 def status(pid: int, as_json: bool) -> None:
     """Show a process's patches, the transition in flight and what blocks it."""
     with AgentClient(pid) as client:
-        hello = client.request("hello")
-        result = client.request("status")
+        hello = client.request("hello", on_silence=_silence(pid))
+        result = client.request("status", on_silence=_silence(pid))
     if as_json:
         _print_json({"ok": True, **_strip_type(result), "agent": _strip_type(hello)})
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import threading
 
 from lp_harness import GREET_FIX, LIVEPATCH, cli, cli_json, wait_for, write_patch
 
@@ -178,3 +179,62 @@ def test_target_exiting_mid_apply_is_reported(lp, target) -> None:
     assert f"process {target.pid} exited" in err
     done = cli(lp, "status", "--pid", str(target.pid))
     assert done.returncode == 3
+
+
+def _stderr_line(proc: subprocess.Popen[str], containing: str, timeout: float) -> str:
+    """Read `proc`'s stderr until a line holds `containing` (or fail after `timeout`)."""
+    found: list[str] = []
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if containing in line:
+                found.append(line)
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert found, f"no line with {containing!r} on stderr within {timeout}s"
+    return found[0]
+
+
+def test_an_agent_kept_off_the_gil_is_explained_and_an_abandoned_apply_never_starts(
+    lp, target
+) -> None:
+    """A thread of the target holds the GIL in one long C call, so the agent (Python code)
+    cannot answer. The command says so while it waits, then applies; and an apply given
+    up with Ctrl-C before the agent could start it is dropped, not applied later."""
+    patch = write_patch(lp.tmp, "fix", GREET_FIX)
+    assert target.ask("hog 5") == "hogging"
+    done = cli(lp, "apply", str(patch), "--pid", str(target.pid))
+    assert done.returncode == 0, done.stderr
+    assert "no answer from its agent for 2s; thread " in done.stderr, done.stderr
+    assert "ran on a CPU all along: probably a long C call that holds the GIL" in done.stderr
+    assert target.ask("greet a") == "HELLO a"
+    assert cli(lp, "revert", "fix-greet", "--pid", str(target.pid)).returncode == 0
+
+    assert target.ask("hog 5") == "hogging"
+    apply = subprocess.Popen(
+        [str(LIVEPATCH), "apply", str(patch), "--pid", str(target.pid)],
+        env=lp.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        _stderr_line(apply, "no answer from its agent", timeout=20)
+        apply.send_signal(signal.SIGINT)
+        apply.communicate(timeout=20)
+        assert apply.returncode == 130
+    finally:
+        if apply.poll() is None:
+            apply.kill()
+            apply.communicate(timeout=10)
+    assert target.ask("greet b", timeout=30) == "hello b"  # after the hog: not patched
+    code, status = cli_json(lp, "status", "--pid", str(target.pid))
+    assert code == 0 and status["patches"] == [], status
+    # the agent read the request once the hog ended, found its client gone, and said so
+    wait_for(lambda: ("apply", "abandoned") in [(r["event"], r["result"])
+                                                for r in lp.audit_records()],
+             what="the abandoned apply in the audit log")
+    assert [r["result"] for r in lp.audit_records() if r["event"] == "apply"] == [
+        "ok", "abandoned"]
+    assert target.ask("greet c") == "hello c"

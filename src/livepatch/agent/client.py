@@ -4,19 +4,22 @@
 time: `request()` returns the result, calling `on_progress` for each progress message in
 between. An error reply is raised as `RemoteError`, carrying the agent's code and message
 unchanged; losing the connection before the result is raised as `LostConnection`, whose
-message tells whether the process is still there. Before sending anything, the client
+message tells whether the process is still there; an agent that stays silent is
+`on_silence`'s business, and then a `LostConnection` that says why it probably is
+(:mod:`livepatch.agent.stall`). Before sending anything, the client
 checks with SO_PEERCRED that the process listening on the socket is the pid it asked for.
 """
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from livepatch.agent import discovery, protocol
+from livepatch.agent import discovery, protocol, stall
 from livepatch.agent.peercred import peer_of
 from livepatch.errors import PatchError
 
@@ -41,6 +44,12 @@ class LostConnection(PatchError):
     """The connection ended before the agent answered."""
 
     code = "connection-lost"
+
+
+#: seconds of silence from the agent before `on_silence` first hears of it; then every
+#: SILENCE_REPEAT seconds. A transition sends progress every few hundred milliseconds
+SILENCE_NOTICE = 2.0
+SILENCE_REPEAT = 10.0
 
 
 class AgentClient:
@@ -94,15 +103,23 @@ class AgentClient:
         on_progress: Callable[[dict[str, Any]], None] | None = None,
         *,
         read_timeout: float | None = None,
+        on_silence: Callable[[float, str], None] | None = None,
         **args: Any,
     ) -> dict[str, Any]:
-        """Send one request; return its result message or raise its error."""
+        """Send one request; return its result message or raise its error.
+
+        `read_timeout` (default: the connect timeout) is how long the agent may stay
+        silent before a message; `on_silence(seconds, why)` hears about a silence every
+        :data:`SILENCE_NOTICE` seconds, with what :mod:`stall` makes of it.
+        """
+        patience = read_timeout if read_timeout is not None else self.sock.gettimeout()
         try:
+            sample = stall.Sample.take(self.pid)
             protocol.send(self.sock, {"op": op, **args})
-            if read_timeout is not None:
-                self.sock.settimeout(read_timeout)
             while True:
+                self._await_message(patience, sample, on_silence)
                 message = protocol.recv(self.sock)
+                sample = stall.Sample.take(self.pid)
                 kind = message.get("type")
                 if kind == "progress":
                     if on_progress is not None:
@@ -123,9 +140,35 @@ class AgentClient:
             raise self._lost() from None
         except TimeoutError:
             raise LostConnection(
-                f"the agent of pid {self.pid} did not answer in time; check 'livepatch status "
-                f"--pid {self.pid}'"
+                f"the agent of pid {self.pid} did not answer for {patience:g}s: "
+                f"{stall.explain(sample)}"
             ) from None
+
+    def _await_message(
+        self,
+        patience: float | None,
+        since: stall.Sample,
+        on_silence: Callable[[float, str], None] | None,
+    ) -> None:
+        """Wait until a message starts to arrive, without reading it (a timeout in the
+        middle of a frame would lose the stream); raise TimeoutError after `patience`."""
+        self.sock.settimeout(patience)  # for the rest of a frame that has started
+        start = time.monotonic()
+        notice = SILENCE_NOTICE
+        while True:
+            waited = time.monotonic() - start
+            if patience is not None and waited >= patience:
+                raise TimeoutError
+            steps = [notice - waited] if on_silence is not None else []
+            steps += [patience - waited] if patience is not None else []
+            readable, _, _ = select.select([self.sock], [], [], max(min(steps), 0.0)
+                                           if steps else None)
+            if readable:
+                return
+            waited = time.monotonic() - start
+            if on_silence is not None and waited >= notice:
+                on_silence(waited, stall.explain(since))
+                notice += SILENCE_REPEAT
 
     def _lost(self) -> LostConnection:
         # An exiting process closes its sockets before it becomes a zombie: give it a

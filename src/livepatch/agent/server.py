@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
+import select
 import socket
 import sys
 import threading
@@ -32,6 +34,18 @@ from livepatch.agent.peercred import Peer, allowed, peer_of
 MAX_CLIENTS = 8
 #: a client that sends nothing for this long is disconnected
 IDLE_TIMEOUT = 60.0
+
+
+def _hung_up(conn: socket.socket) -> bool:
+    """Whether the client has closed its end (nothing more to read, ever)."""
+    # select first: on a socket with a timeout, recv() waits for data whatever its flags
+    readable, _, _ = select.select([conn], [], [], 0)
+    if not readable:
+        return False  # open, and nothing sent after the request: the usual case
+    try:
+        return conn.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
 
 
 class Agent:
@@ -151,10 +165,32 @@ class Agent:
                 return
             try:
                 op, args = protocol.validate(message)
+                if _hung_up(conn):
+                    self._abandoned(op, args, peer)
+                    return
                 reply = dispatch(self.state, Request(op=op, args=args, peer=peer, send=send))
             except BaseException as exc:
                 reply = protocol.error_from(exc)
             send(reply)
+
+    def _abandoned(self, op: str, args: dict[str, Any], peer: Peer) -> None:
+        """The client gave up before this request started (its process could not run
+        the agent for a while: a thread held the GIL, the process was stopped). An
+        operator who pressed Ctrl-C then must not see the patch go in minutes later."""
+        if op in ("apply", "revert"):
+            self.state.audit.write(
+                AuditRecord(
+                    event=op,
+                    result="abandoned",
+                    peer_uid=peer.uid,
+                    peer_pid=peer.pid,
+                    patch=args.get("name"),  # a revert's; an apply's patch by its hash
+                    sha256=hashlib.sha256(args["text"].encode()).hexdigest()
+                    if "text" in args else None,
+                    model=args.get("model"),
+                    message="the client hung up before the agent could start it; not started",
+                )
+            )
 
     def _refuse_peer(self, conn: socket.socket, peer: Peer) -> None:
         self.state.audit.write(
