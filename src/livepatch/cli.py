@@ -455,6 +455,9 @@ def _report_outcome(pid: int, result: dict[str, Any], verb: str) -> None:
         f"{t.get('model')}, {t.get('tasks_switched')}/{t.get('tasks_total')} tasks switched "
         f"in {float(t.get('elapsed') or 0):.3f}s"
     )
+    if result.get("not_recorded"):
+        out.print(f"  [yellow]not recorded for later processes of this program: "
+                  f"{result['not_recorded']}[/yellow]")
     past = t.get("forced_past") or []
     if past:
         out.print(f"  [yellow]forced past {len(past)} task(s) in old code; they may mix "

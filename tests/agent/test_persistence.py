@@ -146,3 +146,32 @@ def test_a_programs_records_are_named_for_what_the_interpreter_runs(monkeypatch)
     }
     monkeypatch.setenv(persist.PROGRAM_ENV, "billing api")
     assert persist.program_key().startswith("billing_api-")
+
+
+MAIN_FIX = """import livepatch
+patch = livepatch.Patch("fix-main", description="a function of the script itself")
+
+@patch.function("__main__:_hog")
+def _hog(seconds):
+    return None
+"""
+
+
+def test_a_patch_of_the_script_itself_applies_but_is_not_recorded(lp, make_target) -> None:
+    """A later process defines __main__'s functions only as its script runs, after its
+    agent has started: a record would be applied too early, be refused, and leave that
+    process unpatched while the operator believes it is. So it is not recorded, and the
+    command says so."""
+    first = make_target()
+    patch = write_patch(lp.tmp, "main", MAIN_FIX)
+    done = cli(lp, "apply", str(patch), "--pid", str(first.pid))
+    assert done.returncode == 0, done.stderr
+    assert "not recorded for later processes of this program" in done.stdout, done.stdout
+    assert "move that code into a module" in done.stdout
+    code, status = cli_json(lp, "status", "--pid", str(first.pid))
+    assert [p["name"] for p in status["patches"]] == ["fix-main"]
+    assert not list((lp.state_dir / "programs").glob("*.json"))
+    second = make_target()
+    code, status = cli_json(lp, "status", "--pid", str(second.pid))
+    assert code == 0 and status["patches"] == []
+    assert "could not be applied" not in second.stderr()

@@ -184,9 +184,16 @@ def apply(state: AgentState, request: Request) -> dict[str, Any]:
         _audit(state, request, "apply", patch, model=model, error=exc)
         raise
     _audit(state, request, "apply", patch, model=model)
-    if args.get("persist", True):
+    not_recorded = None
+    if "__main__" in target_modules(patch):
+        # a later process runs its script into __main__ only after the agent has started:
+        # a record would apply too early, find nothing, and leave that process unpatched
+        not_recorded = ("it patches __main__, whose functions a later process defines only "
+                        "as its script runs; move that code into a module to record it")
+    elif args.get("persist", True):
         _record(state, add=record)
-    return protocol.result(patch=patch.name, sha256=patch.sha256, state="applied", transition=final)
+    return protocol.result(patch=patch.name, sha256=patch.sha256, state="applied",
+                           transition=final, not_recorded=not_recorded)
 
 
 def revert(state: AgentState, request: Request) -> dict[str, Any]:
