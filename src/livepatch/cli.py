@@ -330,6 +330,7 @@ class _Progress:
         self.enabled = enabled
         self.live: Live | None = None
         self.last: tuple[Any, ...] | None = None
+        self.noted = -10.0  # when the agent's work before a transition was last shown
 
     def __enter__(self) -> _Progress:
         if self.enabled and out.is_terminal:
@@ -341,8 +342,21 @@ class _Progress:
         if self.live is not None:
             self.live.__exit__(*exc)
 
+    def _working(self, seconds: float) -> None:
+        """The agent's heartbeat before any transition: at 2 s, then every 10 s."""
+        if seconds >= 2 and seconds - self.noted >= 10:
+            self.noted = seconds
+            text = (f"{self.title}: working for {seconds:.0f}s (loading and checking the "
+                    "patch, running its pre_patch callbacks)")
+            if self.live is not None:
+                self.live.update(Group(Text(text)))
+            else:
+                out.print(text)
+
     def update(self, message: dict[str, Any]) -> None:
         t = message.get("transition")
+        if self.enabled and "working" in message and t is None:
+            self._working(float(message["working"]))
         if not self.enabled or not isinstance(t, dict):
             return
         if self.live is not None:

@@ -238,3 +238,17 @@ def test_an_agent_kept_off_the_gil_is_explained_and_an_abandoned_apply_never_sta
     assert [r["result"] for r in lp.audit_records() if r["event"] == "apply"] == [
         "ok", "abandoned"]
     assert target.ask("greet c") == "hello c"
+
+
+def test_an_agent_at_work_before_its_transition_is_not_taken_for_a_silent_one(
+    lp, target
+) -> None:
+    """A pre_patch callback that takes seconds: the agent's heartbeats say it is at
+    work, and the command shows that instead of warning that it does not answer."""
+    patch = write_patch(lp.tmp, "pre", SLEEPY_FIX.replace("time.sleep(30)", "time.sleep(3)")
+                        .replace("MARKER", str(lp.tmp / "marker")))
+    done = cli(lp, "apply", str(patch), "--pid", str(target.pid))
+    assert done.returncode == 0, done.stderr
+    assert "pid " in done.stdout and ": working for 2s" in done.stdout, done.stdout
+    assert "no answer" not in done.stderr, done.stderr
+    assert target.ask("greet a") == "SLEEPY a"

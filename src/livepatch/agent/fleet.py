@@ -154,8 +154,9 @@ def _apply(
     timeout: float,
 ) -> None:
     def progress(message: dict[str, Any]) -> None:
-        member.transition = message.get("transition")
-        on_update(member)
+        if "transition" in message:  # not a heartbeat
+            member.transition = message["transition"]
+            on_update(member)
 
     member.state = "running"
     on_update(member)

@@ -7,7 +7,8 @@ client cannot make the agent allocate more than that.
 Requests name an operation with `"op"`; every other key must be one the operation
 declares, with the declared type (`validate`). Unknown keys are errors, not ignored, so a
 typo in a client never silently changes what a patch does. Replies are objects with a
-`"type"`: `"progress"` (zero or more, while a transition runs), then exactly one
+`"type"`: `"progress"` (zero or more: the transition while one runs, and for a long
+operation a `{"working": seconds}` heartbeat after a second without news), then exactly one
 `"result"` or `"error"`. Errors carry a stable `code` (the `PatchError.code` of the
 refusal, or one of the protocol codes below), a one-line `message`, and whatever the
 error's `details` hold (a timeout's `blockers`, the transition as it ended).

@@ -36,6 +36,61 @@ MAX_CLIENTS = 8
 IDLE_TIMEOUT = 60.0
 
 
+#: operations that may take a while before their first progress message (loading and
+#: planning a patch, its pre_patch callbacks): they get heartbeats
+_LONG_OPS = frozenset({"plan", "apply", "revert"})
+#: seconds without a message before a heartbeat goes out
+HEARTBEAT = 1.0
+
+
+class _Line:
+    """The agent's side of one conversation: messages out, from the thread serving the
+    request and from its heartbeat, one at a time."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.alive = True
+        self.last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def send(self, message: dict[str, Any]) -> bool:
+        with self._lock:
+            if not self.alive:
+                return False
+            try:
+                protocol.send(self.conn, message)
+            except OSError:
+                self.alive = False  # the client left; the operation carries on without it
+            self.last = time.monotonic()
+            return self.alive
+
+
+@contextlib.contextmanager
+def _heartbeat(line: _Line, *, when: bool) -> Any:
+    """While the block runs, a progress message (``{"working": seconds}``) whenever
+    nothing went out for :data:`HEARTBEAT`: the client can then tell an agent at work
+    (a slow pre_patch callback) from one that cannot run (a thread holding the GIL, which
+    keeps this thread off it too)."""
+    if not when:
+        yield
+        return
+    done = threading.Event()
+    start = time.monotonic()
+
+    def beat() -> None:
+        while not done.wait(HEARTBEAT / 4) and line.alive:
+            if time.monotonic() - line.last >= HEARTBEAT:
+                line.send(protocol.progress(working=round(time.monotonic() - start, 1)))
+
+    beating = threading.Thread(target=beat, name="livepatch-agent-heartbeat", daemon=True)
+    beating.start()
+    try:
+        yield
+    finally:
+        done.set()
+        beating.join()
+
+
 def _hung_up(conn: socket.socket) -> bool:
     """Whether the client has closed its end (nothing more to read, ever)."""
     # select first: on a socket with a timeout, recv() waits for data whatever its flags
@@ -139,19 +194,9 @@ class Agent:
             self._slots.release()
 
     def _conversation(self, conn: socket.socket, peer: Peer) -> None:
-        alive = True
-
-        def send(message: dict[str, Any]) -> bool:
-            nonlocal alive
-            if not alive:
-                return False
-            try:
-                protocol.send(conn, message)
-            except OSError:
-                alive = False  # the client left; the operation carries on without it
-            return alive
-
-        while alive and not self._closed.is_set():
+        line = _Line(conn)
+        send = line.send
+        while line.alive and not self._closed.is_set():
             try:
                 message = protocol.recv(conn)
             except protocol.ConnectionClosed:
@@ -168,7 +213,8 @@ class Agent:
                 if _hung_up(conn):
                     self._abandoned(op, args, peer)
                     return
-                reply = dispatch(self.state, Request(op=op, args=args, peer=peer, send=send))
+                with _heartbeat(line, when=op in _LONG_OPS):
+                    reply = dispatch(self.state, Request(op=op, args=args, peer=peer, send=send))
             except BaseException as exc:
                 reply = protocol.error_from(exc)
             send(reply)
