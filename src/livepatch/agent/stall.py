@@ -76,4 +76,5 @@ def explain(since: Sample) -> str:
         which = ", ".join(str(tid) for tid in busy[:3])
         return (f"thread {which} of it ran on a CPU all along: probably a long C call that "
                 "holds the GIL, which the agent (Python code) waits for")
-    return "no thread of it was busy: it may be swapping, or its agent thread is stuck"
+    return ("no thread of it was on a CPU: a thread may hold the GIL while it waits in a C "
+            "call that does not let it go, or the process is swapping")
