@@ -177,7 +177,7 @@ def test_no_request_mixes_versions_while_a_server_under_load_is_patched(lp, kind
     clients = Clients(server.port, requests=8, streams=2 if kind == "uvicorn" else 0)
     try:
         wait_for(lambda: clients.seen["v1"] > 50, what="traffic")
-        for _ in range(3):
+        for _ in range(2):
             code, applied = server.livepatch("apply", str(fix), "--model", model)
             assert code == 0, json.dumps(applied, indent=1)
             outcome = {p["pid"]: p["state"] for p in applied["processes"]}
@@ -193,7 +193,7 @@ def test_no_request_mixes_versions_while_a_server_under_load_is_patched(lp, kind
         clients.stopping.set()
         log = server.stop()
     assert clients.bad == [], clients.bad[:5]
-    assert clients.seen["v1"] > 300 and clients.seen["v2"] > 150, clients.seen
+    assert clients.seen["v1"] > 150 and clients.seen["v2"] > 100, clients.seen
     assert "Traceback" not in log, log
 
 
