@@ -530,6 +530,7 @@ def _apply_tree(pid: int, request: dict[str, Any], timeout: float, as_json: bool
             tasks = f"{t.get('tasks_switched', '-')}/{t.get('tasks_total', '-')}" if t else "-"
             blockers = ", ".join(str(b.get("task")) for b in (t.get("blockers") or [])[:2])
             state = m.state if not m.error else f"{m.state}: {m.error[:60]}"
+            state += f" ({m.note})" if m.note else ""
             table.add_row(
                 str(m.pid),
                 Text(state, _state_style(m.state)),
@@ -540,14 +541,15 @@ def _apply_tree(pid: int, request: dict[str, Any], timeout: float, as_json: bool
         return table
 
     live = Live(view(), console=out) if (not as_json and out.is_terminal) else None
-    lines_printed: dict[int, str] = {}
+    lines_printed: dict[int, tuple[str, str | None]] = {}
 
     def on_update(member: fleet.Member) -> None:
         if live is not None:
             live.update(view())
-        elif not as_json and lines_printed.get(member.pid) != member.state:
-            lines_printed[member.pid] = member.state
+        elif not as_json and lines_printed.get(member.pid) != (member.state, member.note):
+            lines_printed[member.pid] = (member.state, member.note)
             suffix = f": {member.error}" if member.error else ""
+            suffix += f" ({member.note})" if member.note else ""
             out.print(f"pid {member.pid}: {member.state}{suffix}")
 
     error: PatchError | None = None

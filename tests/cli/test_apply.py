@@ -207,10 +207,12 @@ def test_an_agent_kept_off_the_gil_is_explained_and_an_abandoned_apply_never_sta
     up with Ctrl-C before the agent could start it is dropped, not applied later."""
     patch = write_patch(lp.tmp, "fix", GREET_FIX)
     assert target.ask("hog 3.5") == "hogging"
-    done = cli(lp, "apply", str(patch), "--pid", str(target.pid))
+    # --tree (a tree of one here): each process's line says why it waits
+    done = cli(lp, "apply", str(patch), "--pid", str(target.pid), "--tree")
     assert done.returncode == 0, done.stderr
-    assert "no answer from its agent for 2s; thread " in done.stderr, done.stderr
-    assert "ran on a CPU all along: probably a long C call that holds the GIL" in done.stderr
+    waiting = f"pid {target.pid}: waiting (no answer from its agent for 2s; thread "
+    assert waiting in done.stdout, done.stdout
+    assert "ran on a CPU all along: probably a long C call that holds the GIL" in done.stdout
     assert target.ask("greet a") == "HELLO a"
     assert cli(lp, "revert", "fix-greet", "--pid", str(target.pid)).returncode == 0
 
@@ -220,7 +222,8 @@ def test_an_agent_kept_off_the_gil_is_explained_and_an_abandoned_apply_never_sta
         env=lp.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        _stderr_line(apply, "no answer from its agent", timeout=20)
+        line = _stderr_line(apply, "no answer from its agent for 2s", timeout=20)
+        assert "ran on a CPU all along" in line, line
         apply.send_signal(signal.SIGINT)
         apply.communicate(timeout=20)
         assert apply.returncode == 130

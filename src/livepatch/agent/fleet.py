@@ -52,6 +52,8 @@ class Member:
     transition: dict[str, Any] | None = None
     #: who held up its transition when it timed out (task, frames), if it did
     blockers: list[dict[str, Any]] | None = None
+    #: while its agent does not answer: for how long, and what /proc makes of it
+    note: str | None = None
     result: dict[str, Any] = field(default_factory=dict)
 
     def failed(self, exc: PatchError) -> None:
@@ -128,6 +130,14 @@ def apply_tree(
     )
 
 
+def _silence(member: Member, on_update: Callable[[Member], None]) -> Callable[[float, str], None]:
+    def note(waited: float, why: str) -> None:
+        member.note = f"no answer from its agent for {waited:.0f}s; {why}"
+        on_update(member)
+
+    return note
+
+
 def _each(members: list[Member], work: Callable[[Member], None]) -> None:
     threads = [threading.Thread(target=work, args=(m,), daemon=True) for m in members]
     for thread in threads:
@@ -139,11 +149,13 @@ def _each(members: list[Member], work: Callable[[Member], None]) -> None:
 def _plan(member: Member, args: dict[str, Any], on_update: Callable[[Member], None]) -> None:
     try:
         with AgentClient(member.pid) as client:
-            member.result = client.request("plan", read_timeout=60.0, **args)
+            member.result = client.request("plan", read_timeout=60.0,
+                                           on_silence=_silence(member, on_update), **args)
         member.state = "planned"
     except PatchError as exc:
         member.state = "failed"
         member.failed(exc)
+    member.note = None
     on_update(member)
 
 
@@ -154,15 +166,17 @@ def _apply(
     timeout: float,
 ) -> None:
     def progress(message: dict[str, Any]) -> None:
+        member.note = None
         if "transition" in message:  # not a heartbeat
             member.transition = message["transition"]
-            on_update(member)
+        on_update(member)
 
     member.state = "running"
     on_update(member)
     try:
         with AgentClient(member.pid) as client:
-            member.result = client.request("apply", progress, read_timeout=timeout + 60.0, **args)
+            member.result = client.request("apply", progress, read_timeout=timeout + 60.0,
+                                           on_silence=_silence(member, on_update), **args)
         member.state = str(member.result.get("state", "applied"))
         member.transition = member.result.get("transition") or member.transition
     except PatchError as exc:
@@ -170,6 +184,7 @@ def _apply(
         # a worker that exits mid-apply is replaced by a fork of the (patched) master
         member.state = "exited" if gone and not member.master else "failed"
         member.failed(exc)
+    member.note = None
     on_update(member)
 
 
@@ -183,11 +198,13 @@ def _revert(
     args = {"name": name, "model": request.get("model", "hybrid"), "timeout": timeout}
     try:
         with AgentClient(member.pid) as client:
-            client.request("revert", read_timeout=timeout + 60.0, **args)
+            client.request("revert", read_timeout=timeout + 60.0,
+                           on_silence=_silence(member, on_update), **args)
         member.state = "reverted"
     except PatchError as exc:
         if discovery.process_info(member.pid) is None:
             member.state = "reverted"  # gone, and its patch with it
         else:
             member.failed(exc)
+    member.note = None
     on_update(member)
