@@ -529,11 +529,15 @@ class Universe:
             with self.lock:
                 self.installed = True
                 caller = tasks.current_key()
+                started_new = 0  # counted as switched: it holds no record
                 for info in tasks.all_tasks():
                     if info.key == caller and self._clean(caller_frame):
-                        continue  # the caller is at a safe point: it starts in the new universe
+                        started_new = 1  # the caller is at a safe point: it starts new
+                        continue
                     self.records[info.key] = Record(info, OLD)
-                self.total = len(self.records) + 1
+                # not +1 for the caller regardless: the agent's thread, which applies patches
+                # sent with the command, is livepatch's own and no task (see all_tasks)
+                self.total = len(self.records) + started_new
                 if self._gen_codes(OLD):
                     self.slow["scanning"] = True
                 # before the lock goes: a safe point must not switch a task while calls

@@ -464,6 +464,8 @@ def _run_immediate(t: Transition) -> None:
         t.hooks.unwind(t, exc)
         _fail(t, exc)
         return
+    everyone = len(tasks.all_tasks())  # all moved at once (a forced one once said 0/0)
+    t._report([], everyone, everyone)
     _complete(t)
 
 

@@ -47,6 +47,18 @@ def test_apply_status_revert_round_trip(lp, target) -> None:
     done = cli(lp, "revert", "fix-greet", "--pid", str(target.pid))
     assert done.returncode == 0 and "reverted" in done.stdout
     assert target.ask("greet r") == "hello r"
+    # every model counts the target's tasks alike: its main thread and its ticker, not
+    # the agent's threads (hybrid once counted the one applying the patch: 3 of 3; a
+    # forced or immediate one said 0 of 0)
+    for model, *forced in (("hybrid",), ("stop",), ("two_universe", "--force"),
+                           ("immediate",)):
+        code, applied = cli_json(lp, "apply", str(patch), "--pid", str(target.pid),
+                                 "--model", model, "--no-persist", *forced)
+        assert code == 0, applied
+        assert applied["transition"]["tasks_total"] == 2, (model, applied["transition"])
+        assert applied["transition"]["tasks_switched"] == 2, (model, applied["transition"])
+        assert cli(lp, "revert", "fix-greet", "--pid", str(target.pid),
+                   "--model", model, *forced).returncode == 0
 
 
 def test_dry_run_verifies_and_reports_running_threads_without_change(lp, target) -> None:
