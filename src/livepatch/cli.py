@@ -355,7 +355,8 @@ class _Progress:
 
     def update(self, message: dict[str, Any]) -> None:
         t = message.get("transition")
-        if self.enabled and "working" in message and t is None:
+        if self.enabled and "working" in message and t is None and self.last is None:
+            # (a heartbeat can also come between two transition snapshots: not news)
             self._working(float(message["working"]))
         if not self.enabled or not isinstance(t, dict):
             return

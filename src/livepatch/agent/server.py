@@ -39,8 +39,9 @@ IDLE_TIMEOUT = 60.0
 #: operations that may take a while before their first progress message (loading and
 #: planning a patch, its pre_patch callbacks): they get heartbeats
 _LONG_OPS = frozenset({"plan", "apply", "revert"})
-#: seconds without a message before a heartbeat goes out
-HEARTBEAT = 1.0
+#: seconds without a message before a heartbeat goes out: more than the transition's
+#: own heartbeat (operations.HEARTBEAT), which says more
+HEARTBEAT = 1.5
 
 
 class _Line:
