@@ -343,8 +343,8 @@ class _Progress:
             self.live.__exit__(*exc)
 
     def _working(self, seconds: float) -> None:
-        """The agent's heartbeat before any transition: at 2 s, then every 10 s."""
-        if seconds >= 2 and seconds - self.noted >= 10:
+        """The agent's heartbeat before any transition: the first, then every 10 s."""
+        if seconds - self.noted >= 10:
             self.noted = seconds
             text = (f"{self.title}: working for {seconds:.0f}s (loading and checking the "
                     "patch, running its pre_patch callbacks)")
