@@ -487,7 +487,8 @@ def _dry_run(pid: int, request: dict[str, Any], tree: bool, defer: bool, as_json
     for target in pids:
         with AgentClient(target) as client:
             args = {**request, "defer": defer}
-            results.append({"pid": target, **_strip_type(client.request("plan", **args))})
+            planned = client.request("plan", on_silence=_silence(target), **args)
+            results.append({"pid": target, **_strip_type(planned)})
     if as_json:
         _print_json({"ok": True, "dry_run": True, "processes": results})
         return
