@@ -219,7 +219,7 @@ def test_an_agent_kept_off_the_gil_is_explained_and_an_abandoned_apply_never_sta
     cannot answer. The command says so while it waits, then applies; and an apply given
     up with Ctrl-C before the agent could start it is dropped, not applied later."""
     patch = write_patch(lp.tmp, "fix", GREET_FIX)
-    assert target.ask("hog 3.5") == "hogging"
+    assert target.ask("hog 4") == "hogging"
     # --tree (a tree of one here): each process's line says why it waits
     done = cli(lp, "apply", str(patch), "--pid", str(target.pid), "--tree")
     assert done.returncode == 0, done.stderr
@@ -229,7 +229,7 @@ def test_an_agent_kept_off_the_gil_is_explained_and_an_abandoned_apply_never_sta
     assert target.ask("greet a") == "HELLO a"
     assert cli(lp, "revert", "fix-greet", "--pid", str(target.pid)).returncode == 0
 
-    assert target.ask("hog 3.5") == "hogging"
+    assert target.ask("hog 4") == "hogging"
     apply = subprocess.Popen(
         [str(LIVEPATCH), "apply", str(patch), "--pid", str(target.pid)],
         env=lp.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
