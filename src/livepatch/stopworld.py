@@ -25,6 +25,14 @@ A thread inside one of the patch's functions is let run until it is out of it
 While the world is parked the patching thread must not take any lock another thread might
 hold (logging's included) nor run user code, so :func:`parked` disables the garbage
 collector (finalizers are user code) for the duration, and callers log after it returns.
+
+Nor may a parked thread run any: but a blocking wait in the main thread runs Python's
+signal handlers when a signal interrupts it (PEP 475: the lock's ``acquire`` retries after
+running them), so a SIGCHLD to a gunicorn master, or any signal a program handles, would
+run its handler inside the pause, perhaps between two code swaps. The main thread
+therefore parks with signals blocked: the kernel hands them to another thread, whose C
+handler only notes them, and the main thread runs the Python handlers once the pause is
+over and its mask is back.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import _thread
 import ctypes
 import dis
 import gc
+import signal
 import sys
 import threading
 import time
@@ -61,8 +70,17 @@ _generation = 0
 _get_ident = _thread.get_ident
 
 
+#: what the main thread blocks while parked (see the module doc); SIGKILL and SIGSTOP
+#: cannot be blocked, and asking for them is an error on some systems
+_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
+_MAIN = threading.main_thread().ident
+
+
 def _park() -> None:
     ident = _get_ident()
+    # (blocking runs the handlers of signals already pending: before this thread counts
+    # as parked, so they run outside the pause)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS) if ident == _MAIN else None
     try:
         while True:
             gate = _gate
@@ -75,6 +93,8 @@ def _park() -> None:
                 break
     finally:
         _parked.pop(ident, None)
+        if mask is not None:  # runs the handlers of what came meanwhile: after the pause
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _parked_now() -> int:
