@@ -73,14 +73,15 @@ _get_ident = _thread.get_ident
 #: what the main thread blocks while parked (see the module doc); SIGKILL and SIGSTOP
 #: cannot be blocked, and asking for them is an error on some systems
 _SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
-_MAIN = threading.main_thread().ident
 
 
 def _park() -> None:
     ident = _get_ident()
     # (blocking runs the handlers of signals already pending: before this thread counts
     # as parked, so they run outside the pause)
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS) if ident == _MAIN else None
+    # (looked up each time: after a fork from another thread, that thread is the main one)
+    main = ident == threading.main_thread().ident
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS) if main else None
     try:
         while True:
             gate = _gate
