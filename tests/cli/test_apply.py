@@ -268,3 +268,18 @@ def test_an_agent_at_work_before_its_transition_is_not_taken_for_a_silent_one(
     assert re.search(rf"pid {target.pid}: working for \d+s \(loading", done.stdout), done.stdout
     assert "no answer" not in done.stderr, done.stderr
     assert target.ask("greet a") == "SLEEPY a"
+
+
+def test_a_stopped_target_is_named_as_stopped_while_the_command_waits(lp, target) -> None:
+    target.proc.send_signal(signal.SIGSTOP)
+    try:
+        status = subprocess.Popen(
+            [str(LIVEPATCH), "status", "--pid", str(target.pid)],
+            env=lp.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        line = _stderr_line(status, "no answer from its agent", timeout=20)
+        assert f"process {target.pid} is stopped" in line and "kill -CONT" in line, line
+    finally:
+        target.proc.send_signal(signal.SIGCONT)
+    out, _ = status.communicate(timeout=20)
+    assert status.returncode == 0 and f"pid {target.pid}" in out, out
