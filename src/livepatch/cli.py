@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -602,29 +603,45 @@ def revert(
 ) -> None:
     """Revert the applied patch NAME in process --pid."""
     pids = [m.pid for m in fleet.tree_members(pid)] if tree else [pid]
+
+    def revert_in(target: int) -> dict[str, Any]:
+        # a tree's processes revert at once (a fleet reverts in the time of its slowest
+        # process, not the sum): then no live view per process, only the outcomes
+        shown = not as_json and not tree
+        with AgentClient(target) as client, _Progress(f"pid {target}", shown) as progress:
+            return client.request(
+                "revert",
+                progress.update,
+                read_timeout=timeout + 60.0,
+                on_silence=_silence(target),
+                name=name,
+                model=model,
+                timeout=timeout,
+                force=force,
+            )
+
+    if not tree:
+        outcomes: list[dict[str, Any] | PatchError] = [revert_in(pid)]
+    else:
+        with ThreadPoolExecutor(max_workers=min(len(pids), 16)) as pool:
+            futures = [pool.submit(revert_in, target) for target in pids]
+        outcomes = []
+        for future in futures:
+            try:
+                outcomes.append(future.result())
+            except PatchError as exc:
+                outcomes.append(exc)
     results = []
     errors: list[tuple[int, PatchError]] = []
-    for target in pids:
-        try:
-            with AgentClient(target) as client, _Progress(f"pid {target}", not as_json) as progress:
-                result = client.request(
-                    "revert",
-                    progress.update,
-                    read_timeout=timeout + 60.0,
-                    on_silence=_silence(target),
-                    name=name,
-                    model=model,
-                    timeout=timeout,
-                    force=force,
-                )
-            results.append({"pid": target, **_strip_type(result)})
-            if not as_json:
-                _report_outcome(target, result, verb="reverted")
-        except PatchError as exc:
-            if not tree:
-                raise
-            errors.append((target, exc))
-            results.append({"pid": target, "ok": False, "code": exc.code, "message": str(exc)})
+    for target, outcome in zip(pids, outcomes, strict=True):
+        if isinstance(outcome, PatchError):
+            errors.append((target, outcome))
+            results.append({"pid": target, "ok": False, "code": outcome.code,
+                            "message": str(outcome)})
+            continue
+        results.append({"pid": target, **_strip_type(outcome)})
+        if not as_json:
+            _report_outcome(target, outcome, verb="reverted")
     if as_json:
         _print_json(
             {"ok": not errors, "processes": results} if tree else {"ok": True, **results[0]}
