@@ -3,11 +3,14 @@ the CLI killed mid-transition, the target exiting mid-apply."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 
+import pytest
 from lp_harness import GREET_FIX, LIVEPATCH, cli, cli_json, wait_for, write_patch
 
 SLOW_FIX = """import livepatch
@@ -283,3 +286,35 @@ def test_a_stopped_target_is_named_as_stopped_while_the_command_waits(lp, target
         target.proc.send_signal(signal.SIGCONT)
     out, _ = status.communicate(timeout=20)
     assert status.returncode == 0 and f"pid {target.pid}" in out, out
+
+
+def test_sockets_on_fds_over_1023_are_served_and_checked(lp, target) -> None:
+    """A server holding thousands of connections, or a --tree of many processes, puts
+    sockets on fds over 1023, which select() refuses: the agent checked for a hung-up
+    client with it (every request would have been an internal error), and the command
+    waited for answers with it."""
+    import resource
+
+    from livepatch.agent.server import _hung_up
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        pytest.skip(f"RLIMIT_NOFILE is {soft}: no fd over 1023 to be had")
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        mine, theirs = socket.socketpair()
+        with mine, theirs:
+            assert mine.fileno() > 1023
+            mine.settimeout(5)
+            assert _hung_up(mine) is False
+            theirs.close()
+            assert _hung_up(mine) is True
+        # the command, started with those fds taken, talks to the agent on a higher one
+        done = subprocess.run(
+            [str(LIVEPATCH), "status", "--pid", str(target.pid)], env=lp.env,
+            capture_output=True, text=True, timeout=60, pass_fds=held,
+        )
+        assert done.returncode == 0 and f"pid {target.pid}" in done.stdout, done.stderr
+    finally:
+        for fd in held:
+            os.close(fd)

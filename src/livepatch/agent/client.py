@@ -153,6 +153,8 @@ class AgentClient:
         """Wait until a message starts to arrive, without reading it (a timeout in the
         middle of a frame would lose the stream); raise TimeoutError after `patience`."""
         self.sock.settimeout(patience)  # for the rest of a frame that has started
+        poller = select.poll()  # (not select: a --tree of many processes opens many fds)
+        poller.register(self.sock, select.POLLIN)
         start = time.monotonic()
         notice = SILENCE_NOTICE
         while True:
@@ -161,9 +163,8 @@ class AgentClient:
                 raise TimeoutError
             steps = [notice - waited] if on_silence is not None else []
             steps += [patience - waited] if patience is not None else []
-            readable, _, _ = select.select([self.sock], [], [], max(min(steps), 0.0)
-                                           if steps else None)
-            if readable:
+            wait_ms = max(min(steps), 0.0) * 1000 if steps else None
+            if poller.poll(wait_ms):
                 return
             waited = time.monotonic() - start
             if on_silence is not None and waited >= notice:

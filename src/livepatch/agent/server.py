@@ -94,9 +94,11 @@ def _heartbeat(line: _Line, *, when: bool) -> Any:
 
 def _hung_up(conn: socket.socket) -> bool:
     """Whether the client has closed its end (nothing more to read, ever)."""
-    # select first: on a socket with a timeout, recv() waits for data whatever its flags
-    readable, _, _ = select.select([conn], [], [], 0)
-    if not readable:
+    # poll first: on a socket with a timeout, recv() waits for data whatever its flags
+    # (poll, not select: a server holding thousands of connections has fds over 1023)
+    poller = select.poll()
+    poller.register(conn, select.POLLIN)
+    if not poller.poll(0):
         return False  # open, and nothing sent after the request: the usual case
     try:
         return conn.recv(1, socket.MSG_PEEK) == b""
