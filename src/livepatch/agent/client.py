@@ -114,12 +114,10 @@ class AgentClient:
         """
         patience = read_timeout if read_timeout is not None else self.sock.gettimeout()
         try:
-            sample = stall.Sample.take(self.pid)
             protocol.send(self.sock, {"op": op, **args})
             while True:
-                self._await_message(patience, sample, on_silence)
+                self._await_message(patience, on_silence)
                 message = protocol.recv(self.sock)
-                sample = stall.Sample.take(self.pid)
                 kind = message.get("type")
                 if kind == "progress":
                     if on_progress is not None:
@@ -141,13 +139,12 @@ class AgentClient:
         except TimeoutError:
             raise LostConnection(
                 f"the agent of pid {self.pid} did not answer for {patience:g}s: "
-                f"{stall.explain(sample)}"
+                f"{stall.explain(self.pid)}"
             ) from None
 
     def _await_message(
         self,
         patience: float | None,
-        since: stall.Sample,
         on_silence: Callable[[float, str], None] | None,
     ) -> None:
         """Wait until a message starts to arrive, without reading it (a timeout in the
@@ -168,7 +165,7 @@ class AgentClient:
                 return
             waited = time.monotonic() - start
             if on_silence is not None and waited >= notice:
-                on_silence(waited, stall.explain(since))
+                on_silence(waited, stall.explain(self.pid))
                 notice += SILENCE_REPEAT
 
     def _lost(self) -> LostConnection:

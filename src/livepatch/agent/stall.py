@@ -5,9 +5,10 @@ in one long C call (``sum(range(10**10))``, a regex on a huge string, a C extens
 never releases it), nor while the process is stopped (SIGSTOP, a debugger). Either way
 the socket accepts the request, since the kernel queues it, and the answer just does not
 come. The command cannot see the GIL from outside, but it can see the evidence: a thread
-that stayed on a CPU for the whole wait, or a process in the stopped state. This module
-takes a :class:`Sample` of every thread's CPU time when the request goes out and says,
-from a second look, which of the two it probably is.
+that stays on a CPU, or a process in the stopped state. Once the agent has been silent
+for a while, :func:`explain` takes two :class:`Sample` of every thread's CPU time a
+moment apart and says which of the two it probably is. (Only then: a process may have
+hundreds of threads, and the command must not read their /proc files for every message.)
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-#: a thread that used this share of the wall-clock time since the sample held a CPU
+#: a thread that used this share of the wall-clock time between two samples held a CPU
 #: (and, as the agent did not run, most likely the GIL) all along
 _ALL_ALONG = 0.8
+#: seconds between the two samples
+LOOK = 0.25
 
 
 @dataclass
@@ -60,21 +63,24 @@ def _thread_cpu(pid: int) -> dict[int, float]:
     return cpu
 
 
-def explain(since: Sample) -> str:
-    """What probably keeps the agent of `since.pid` from answering, as a clause."""
-    fields = _stat_fields(Path(f"/proc/{since.pid}/stat"))
+def explain(pid: int) -> str:
+    """What probably keeps the agent of `pid` from answering, as a clause (takes
+    :data:`LOOK` seconds)."""
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
     if fields is None:
-        return f"process {since.pid} is gone"
+        return f"process {pid} is gone"
     if fields[0] in ("T", "t"):
-        return (f"process {since.pid} is stopped (SIGSTOP or a debugger); "
-                f"'kill -CONT {since.pid}' lets it answer")
+        return (f"process {pid} is stopped (SIGSTOP or a debugger); "
+                f"'kill -CONT {pid}' lets it answer")
+    since = Sample.take(pid)
+    time.sleep(LOOK)
     waited = time.monotonic() - since.at
     now = _thread_cpu(since.pid)
     busy = sorted(tid for tid, seconds in now.items()
                   if waited > 0 and seconds - since.cpu.get(tid, seconds) >= _ALL_ALONG * waited)
     if busy:
         which = ", ".join(str(tid) for tid in busy[:3])
-        return (f"thread {which} of it ran on a CPU all along: probably a long C call that "
-                "holds the GIL, which the agent (Python code) waits for")
+        return (f"thread {which} of it is running on a CPU all the time: probably a long C "
+                "call that holds the GIL, which the agent (Python code) waits for")
     return ("no thread of it was on a CPU: a thread may hold the GIL while it waits in a C "
             "call that does not let it go, or the process is swapping")
