@@ -54,12 +54,12 @@
    start to 20 ms after it returned; the baseline window is a ``livepatch status`` (a
    command that patches nothing: starting one costs the target CPU time on 2 cores).
 7. What a process keeps per transition: 400 apply/revert cycles (hybrid) of a
-   20-function patch, with 2 threads calling it, after 50 to warm up; the growth of
-   the memory tracemalloc traces and of the objects the collector tracks. A process
-   patched and reverted for months must not grow with each transition.
+   20-function patch (``--growth-cycles``), with 2 threads calling it, after 50 to warm
+   up; the growth of the memory tracemalloc traces and of the objects the collector
+   tracks. A process patched and reverted for months must not grow with each transition.
 
     .venv/bin/python benchmarks/bench_transition.py [--cycles N] [--models hybrid,stop]
-        [--sections 1,2,3,4,5,6,7]
+        [--sections 1,2,3,4,5,6,7] [--growth-cycles 400]
 """
 
 from __future__ import annotations
@@ -488,6 +488,8 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--sections", default="1,2,3,4,5,6,7",
                         help="which sections to run: 1, 2, 3, 4, 5, 6, 7")
+    parser.add_argument("--growth-cycles", type=int, default=400,
+                        help="section 7's apply/revert cycles")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     logging.getLogger("livepatch").setLevel(logging.ERROR)  # "not verified" warnings
@@ -506,7 +508,7 @@ def main() -> None:
     if "6" in sections:
         section_6(args.cycles)
     if "7" in sections:
-        section_7()
+        section_7(args.growth_cycles)
 
 
 def section_7(cycles: int = 400, warm: int = 50) -> None:
