@@ -29,7 +29,7 @@ from rich.text import Text
 from livepatch.agent import audit, boot, discovery, fleet, paths, signing
 from livepatch.agent.client import AgentClient, LostConnection, Unreachable
 from livepatch.agent.protocol import MODELS
-from livepatch.errors import PatchError
+from livepatch.errors import NotApplied, PatchError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -433,15 +433,14 @@ def apply(
 ) -> None:
     """Apply the patch file PATCH to process --pid."""
     request = _read_patch(patch_file, signature)
-    defer = tree if defer is None else defer
     if dry_run:
-        _dry_run(pid, request, tree, defer, as_json)
+        _dry_run(pid, request, tree, tree if defer is None else defer, as_json)
         return
     request.update(model=model, timeout=timeout, force=force, persist=not no_persist)
-    request["defer"] = defer
     if tree:
-        _apply_tree(pid, request, timeout, as_json)
+        _apply_tree(pid, request, timeout, defer, as_json)
         return
+    request["defer"] = bool(defer)
     with AgentClient(pid) as client, _Progress(f"pid {pid}", not as_json) as progress:
         result = client.request("apply", progress.update, read_timeout=timeout + 60.0,
                                 on_silence=_silence(pid), **request)
@@ -459,6 +458,8 @@ def _report_outcome(pid: int, result: dict[str, Any], verb: str) -> None:
             f"[green]{result.get('patch')}[/green] pending in pid {pid}: applies when "
             f"{', '.join(result.get('waiting_for', []))} is imported"
         )
+        for hint in result.get("hints") or []:
+            out.print(f"  [yellow]{hint}[/yellow]")
         return
     if state == "cancelled":
         out.print(f"[green]{result.get('patch')}[/green] was pending in pid {pid}; cancelled")
@@ -484,6 +485,8 @@ def _report_outcome(pid: int, result: dict[str, Any], verb: str) -> None:
 
 def _dry_run(pid: int, request: dict[str, Any], tree: bool, defer: bool, as_json: bool) -> None:
     pids = [m.pid for m in fleet.tree_members(pid)] if tree else [pid]
+    if tree:
+        request = fleet.with_main(request, pid, _silence(pid))
     results = []
     for target in pids:
         with AgentClient(target) as client:
@@ -494,6 +497,9 @@ def _dry_run(pid: int, request: dict[str, Any], tree: bool, defer: bool, as_json
         _print_json({"ok": True, "dry_run": True, "processes": results})
         return
     for res in results:
+        if res.get("state") == "skipped":
+            out.print(f"[bold]pid {res['pid']}[/bold]: skipped, {res.get('reason')}")
+            continue
         out.print(
             f"[bold]pid {res['pid']}[/bold]: {res.get('patch')} would apply "
             f"(sha256 {str(res.get('sha256'))[:12]}); nothing was changed"
@@ -521,7 +527,9 @@ def _dry_run(pid: int, request: dict[str, Any], tree: bool, defer: bool, as_json
             out.print("  no task runs a patched function right now")
 
 
-def _apply_tree(pid: int, request: dict[str, Any], timeout: float, as_json: bool) -> None:
+def _apply_tree(
+    pid: int, request: dict[str, Any], timeout: float, defer: bool | None, as_json: bool
+) -> None:
     members = fleet.tree_members(pid)
 
     def view() -> Table:
@@ -533,7 +541,7 @@ def _apply_tree(pid: int, request: dict[str, Any], timeout: float, as_json: bool
             tasks = f"{t.get('tasks_switched', '-')}/{t.get('tasks_total', '-')}" if t else "-"
             blockers = ", ".join(str(b.get("task")) for b in (t.get("blockers") or [])[:2])
             state = m.state if not m.error else f"{m.state}: {m.error[:60]}"
-            state += f" ({m.note})" if m.note else ""
+            state += f" ({m.note or m.reason})" if m.note or m.reason else ""
             table.add_row(
                 str(m.pid),
                 Text(state, _state_style(m.state)),
@@ -552,6 +560,7 @@ def _apply_tree(pid: int, request: dict[str, Any], timeout: float, as_json: bool
         elif not as_json and lines_printed.get(member.pid) != (member.state, member.note):
             lines_printed[member.pid] = (member.state, member.note)
             suffix = f": {member.error}" if member.error else ""
+            suffix += f", {member.reason}" if member.reason else ""
             suffix += f" ({member.note})" if member.note else ""
             out.print(f"pid {member.pid}: {member.state}{suffix}")
 
@@ -559,7 +568,7 @@ def _apply_tree(pid: int, request: dict[str, Any], timeout: float, as_json: bool
     if live is not None:
         live.__enter__()
     try:
-        fleet.apply_tree(members, request, on_update, timeout=timeout)
+        fleet.apply_tree(members, request, on_update, timeout=timeout, defer=defer)
     except PatchError as exc:
         error = exc
     finally:
@@ -579,7 +588,31 @@ def _apply_tree(pid: int, request: dict[str, Any], timeout: float, as_json: bool
         return
     if error is not None:
         raise error
-    out.print(f"[green]patched {len(members)} process(es)[/green] in the tree of pid {pid}")
+    out.print(_tree_summary(members, pid))
+
+
+def _tree_summary(members: list[fleet.Member], pid: int) -> str:
+    """``patched 4 process(es) in the tree of pid N; pending in 1 (…); skipped 1 (…)``:
+    a pending or skipped process is not patched, and must not be counted as one. Then
+    whether processes started later get the patch."""
+    applied = [m for m in members if m.state == "applied"]
+    line = f"[green]patched {len(applied)} process(es)[/green] in the tree of pid {pid}"
+    pending = [m for m in members if m.state == "deferred"]
+    if pending:
+        modules = sorted({n for m in pending for n in m.result.get("waiting_for") or []})
+        line += (f"; pending in {len(pending)} (pid {', '.join(str(m.pid) for m in pending)}: "
+                 f"applies when {', '.join(modules)} is imported)")
+    skipped = [m for m in members if m.state == "skipped"]
+    if skipped:
+        line += (f"; skipped {len(skipped)} running another program "
+                 f"(pid {', '.join(str(m.pid) for m in skipped)})")
+    unrecorded = next((m.result["not_recorded"] for m in applied
+                       if m.result.get("not_recorded")), None)
+    if unrecorded:
+        # a spawned worker started later runs the script afresh: the old code
+        line += (f"\n  [yellow]not recorded for processes started later (spawned workers "
+                 f"among them): {unrecorded}[/yellow]")
+    return line
 
 
 def _strip_type(message: dict[str, Any]) -> dict[str, Any]:
@@ -631,9 +664,17 @@ def revert(
                 outcomes.append(future.result())
             except PatchError as exc:
                 outcomes.append(exc)
+    # in a tree, a process that never had the patch (one the apply skipped, a helper
+    # started since) has nothing to revert, so long as some process had it
+    absent = tree and any(not isinstance(o, PatchError) for o in outcomes)
     results = []
     errors: list[tuple[int, PatchError]] = []
     for target, outcome in zip(pids, outcomes, strict=True):
+        if absent and isinstance(outcome, PatchError) and outcome.code == NotApplied.code:
+            results.append({"pid": target, "ok": True, "state": "absent"})
+            if not as_json:
+                out.print(f"{name} is not applied in pid {target}: nothing to revert there")
+            continue
         if isinstance(outcome, PatchError):
             errors.append((target, outcome))
             results.append({"pid": target, "ok": False, "code": outcome.code,

@@ -73,9 +73,21 @@ def find_module(name: str, key: str) -> ModuleType:
     if module is None:
         raise TargetNotFound(
             f"{key}: module {name!r} is not imported in this process; livepatch patches "
-            "loaded code only — check the module name"
+            f"loaded code only — {main_script_hint(name, key) or 'check the module name'}"
         )
     return module
+
+
+def main_script_hint(name: str, key: str) -> str | None:
+    """If the module `name` is the file this process runs as its script, say so: that
+    file's functions live in ``__main__``, and a module of its name may never be
+    imported (``python app.py`` imports no ``app``)."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not path or os.path.splitext(os.path.basename(path))[0] != name.rpartition(".")[2]:
+        return None
+    qualname = key.partition(":")[2] or "..."
+    return (f"{os.path.basename(path)} runs as this process's main script, so its functions "
+            f"are in __main__: name the target __main__:{qualname}")
 
 
 def resolve(key: str) -> Target:

@@ -11,7 +11,13 @@
    a fresh one that inherits the master's patches).
 
 Processes where the patched modules are not imported (a master without `--preload`) keep
-the patch *pending* and apply it when the module is imported (see `persist`).
+the patch *pending* and apply it when the module is imported (see `persist`) — unless no
+process of the tree has imported them, which is most often a wrong module name: that is
+refused unless the caller asked to defer.
+
+A patch of ``__main__`` changes the script of the process the command named. A
+descendant running another program (a multiprocessing resource tracker, a ``python -c``
+helper, another script) has nothing to patch: it is *skipped*, with the reason.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ class Member:
 
     pid: int
     command: str
-    #: waiting, planned, running, applied, deferred, failed, exited, reverted
+    #: waiting, planned, running, applied, deferred, skipped, failed, exited, reverted
     state: str = "waiting"
     master: bool = False
     error: str | None = None
@@ -54,6 +60,8 @@ class Member:
     blockers: list[dict[str, Any]] | None = None
     #: while its agent does not answer: for how long, and what /proc makes of it
     note: str | None = None
+    #: why it was skipped
+    reason: str | None = None
     result: dict[str, Any] = field(default_factory=dict)
 
     def failed(self, exc: PatchError) -> None:
@@ -73,6 +81,8 @@ class Member:
             "code": self.code,
             "transition": self.transition,
             "blockers": self.blockers,
+            "reason": self.reason,
+            "not_recorded": self.result.get("not_recorded"),
         }
 
 
@@ -89,26 +99,58 @@ def tree_members(master: int) -> list[Member]:
     return members
 
 
+def with_main(
+    request: dict[str, Any],
+    master: int,
+    on_silence: Callable[[float, str], None] | None = None,
+) -> dict[str, Any]:
+    """`request` for the members of the master's tree: with ``tree_main``, the script the
+    master runs as ``__main__`` (see ``_other_program`` in operations), if it runs one."""
+    with AgentClient(master) as client:
+        main = client.request("status", on_silence=on_silence).get("main")
+    return {**request, "tree_main": main} if isinstance(main, str) else request
+
+
+def plan_tree(
+    members: list[Member], request: dict[str, Any], on_update: Callable[[Member], None]
+) -> None:
+    """Plan in every member at once (``tree_main`` in `request` says whose script
+    ``__main__`` is); each ends planned, skipped or failed, its answer in ``result``."""
+    args: dict[str, Any] = {
+        k: request[k] for k in ("text", "filename", "signature", "tree_main") if k in request
+    }
+    args["defer"] = True
+    _each(members, lambda m: _plan(m, args, on_update))
+
+
 def apply_tree(
     members: list[Member],
     request: dict[str, Any],
     on_update: Callable[[Member], None],
     *,
     timeout: float,
+    defer: bool | None = None,
 ) -> None:
-    """Plan, apply everywhere, roll back on failure. Raises TreeFailed/RollbackFailed."""
-    plan_args: dict[str, Any] = {
-        k: request[k] for k in ("text", "filename", "signature") if k in request
-    }
-    plan_args["defer"] = True
-    _each(members, lambda m: _plan(m, plan_args, on_update))
+    """Plan, apply everywhere, roll back on failure. Raises TreeFailed/RollbackFailed.
+
+    `defer`: True, keep the patch pending where its modules are not imported; None, the
+    same, but refuse if no process has imported them; False, refuse wherever one is not.
+    """
+    master = next(m for m in members if m.master)
+    try:
+        request = with_main(request, master.pid, _silence(master, on_update))
+    finally:
+        master.note = None
+    plan_tree(members, request, on_update)
     refused = [m for m in members if m.state == "failed"]
     if refused:
         first = refused[0]
         raise TreeFailed(
             f"pid {first.pid} refused the patch, so no process was changed: {first.error}"
         )
-    _each(members, lambda m: _apply(m, {**request, "defer": True}, on_update, timeout))
+    _refuse_waiting(members, defer)
+    live = [m for m in members if m.state != "skipped"]
+    _each(live, lambda m: _apply(m, {**request, "defer": True}, on_update, timeout))
     failed = [m for m in members if m.state == "failed"]
     if not failed:
         return
@@ -127,6 +169,23 @@ def apply_tree(
     raise TreeFailed(
         f"pid {first.pid} failed ({first.error}); the patch was reverted in the "
         f"{len(done)} process(es) where it had applied"
+    )
+
+
+def _refuse_waiting(members: list[Member], defer: bool | None) -> None:
+    """Refuse a patch that would only wait, where the caller did not ask it to."""
+    live = [m for m in members if m.state != "skipped"]
+    waiting = [m for m in live if m.result.get("missing_modules")]
+    if not waiting or defer is True or (defer is None and len(waiting) < len(live)):
+        return
+    modules = sorted({name for m in waiting for name in m.result["missing_modules"]})
+    hints = {h for m in waiting for h in m.result.get("hints") or []}
+    where = (f"pid {waiting[0].pid} has not imported" if defer is False
+             else f"no process of the tree of pid {members[0].pid} has imported")
+    raise TreeFailed(
+        f"{where} {', '.join(modules)}, so the patch would only wait for the import; "
+        + ("; ".join(sorted(hints)) if hints else "check the module name")
+        + ", or pass --defer to apply it when it is imported"
     )
 
 
@@ -151,7 +210,8 @@ def _plan(member: Member, args: dict[str, Any], on_update: Callable[[Member], No
         with AgentClient(member.pid) as client:
             member.result = client.request("plan", read_timeout=60.0,
                                            on_silence=_silence(member, on_update), **args)
-        member.state = "planned"
+        member.state = "skipped" if member.result.get("state") == "skipped" else "planned"
+        member.reason = member.result.get("reason")
     except PatchError as exc:
         member.state = "failed"
         member.failed(exc)

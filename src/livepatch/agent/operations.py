@@ -35,7 +35,7 @@ from livepatch.agent.persist import (
     target_modules,
 )
 from livepatch.agent.signing import TrustedKeys
-from livepatch.errors import PatchError
+from livepatch.errors import PatchError, TargetNotFound
 
 #: how often a running transition is polled for progress
 POLL_INTERVAL = 0.05
@@ -99,6 +99,7 @@ def status(state: AgentState, request: Request) -> dict[str, Any]:
     return protocol.result(
         pid=os.getpid(),
         argv=list(sys.argv),
+        main=main_file(),
         program=state.records.key,
         patches=[_applied_dict(p) for p in applied],
         pending=state.deferred.describe(),
@@ -115,16 +116,23 @@ def plan(state: AgentState, request: Request) -> dict[str, Any]:
     patch = None
     try:
         patch = _load(state, request)
+        other = _other_program(patch, request.args)
         missing = [m for m in target_modules(patch) if m not in sys.modules]
-        if missing and request.args.get("defer", False):
+        if other:
+            answer = protocol.result(patch=patch.name, sha256=patch.sha256, state="skipped",
+                                     reason=other, changes=[], notes=[other], running=[],
+                                     missing_modules=[])
+        elif missing and request.args.get("defer", False):
             # nothing to verify here yet: the patch would wait for these imports
+            hints = _main_script_hints(patch, missing)
             answer = protocol.result(
                 patch=patch.name,
                 sha256=patch.sha256,
                 changes=[],
-                notes=[f"would wait for the import of {', '.join(missing)}"],
+                notes=[f"would wait for the import of {', '.join(missing)}", *hints],
                 running=[],
                 missing_modules=missing,
+                hints=hints,
             )
         else:
             result = livepatch.plan(patch)
@@ -162,6 +170,11 @@ def apply(state: AgentState, request: Request) -> dict[str, Any]:
             signature=args.get("signature"),
             model=model,
         )
+        other = _other_program(patch, args)
+        if other:
+            _audit(state, request, "apply", patch, model=model, outcome="skipped")
+            return protocol.result(patch=patch.name, sha256=patch.sha256, state="skipped",
+                                   reason=other, transition=None)
         missing = [m for m in target_modules(patch) if m not in sys.modules]
         if missing and args.get("defer", False):
             return _defer(state, request, patch, record, missing)
@@ -356,6 +369,51 @@ def _load(state: AgentState, request: Request) -> Any:
     return livepatch.loads(text, filename=filename)
 
 
+def main_file() -> str | None:
+    """The script this process runs as ``__main__`` (its real path), or None (``-c``,
+    stdin, an interactive session)."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    return os.path.realpath(path) if path and os.path.exists(path) else None
+
+
+def _main_script_hints(patch: Any, missing: list[str]) -> list[str]:
+    """For a module not imported that is this process's script (see
+    ``locate.main_script_hint``), what to name instead."""
+    from livepatch.locate import main_script_hint
+
+    keys = [spec.target for spec in patch.functions] + [spec.target for spec in patch.news]
+    hints = []
+    for module in missing:
+        key = next(k for k in keys if k.partition(":")[0] == module)
+        hint = main_script_hint(module, key)
+        if hint:
+            hints.append(hint)
+    return hints
+
+
+def _other_program(patch: Any, args: dict[str, Any]) -> str | None:
+    """In a tree (`tree_main`: the script of the process the command named), why this
+    process does not run the program whose ``__main__`` the patch changes — a
+    multiprocessing resource tracker, a ``python -c`` helper, another script — or None.
+
+    Such a process has nothing to patch: the tree skips it. A patch of ``__main__`` and of
+    modules as well cannot be half applied here; that is refused."""
+    if "tree_main" not in args or "__main__" not in target_modules(patch):
+        return None
+    mine, theirs = main_file(), args["tree_main"]
+    if mine == theirs:
+        return None
+    what = f"its __main__ is {mine}" if mine else "its __main__ has no file (python -c)"
+    others = [m for m in target_modules(patch) if m != "__main__"]
+    if others:
+        raise TargetNotFound(
+            f"this process runs another program ({what}, not {theirs}), and the patch "
+            f"changes {', '.join(others)} as well as __main__; split it into a patch of "
+            "__main__ and one of the modules"
+        )
+    return f"runs another program: {what}, not {theirs}"
+
+
 def _defer(
     state: AgentState,
     request: Request,
@@ -378,6 +436,7 @@ def _defer(
         sha256=patch.sha256,
         state="deferred",
         waiting_for=missing,
+        hints=_main_script_hints(patch, missing),
         transition=None,
     )
 

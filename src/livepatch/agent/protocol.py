@@ -72,6 +72,7 @@ OPERATIONS: dict[str, dict[str, Field]] = {
         "filename": Field(_STR),
         "signature": Field(_STR),
         "defer": Field(_BOOL),
+        "tree_main": Field(_STR),
     },
     "apply": {
         "text": Field(_STR, required=True),
@@ -82,6 +83,7 @@ OPERATIONS: dict[str, dict[str, Field]] = {
         "force": Field(_BOOL),
         "persist": Field(_BOOL),
         "defer": Field(_BOOL),
+        "tree_main": Field(_STR),
     },
     "revert": {
         "name": Field(_STR, required=True),
