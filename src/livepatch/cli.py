@@ -484,8 +484,11 @@ def _report_outcome(pid: int, result: dict[str, Any], verb: str) -> None:
 
 
 def _dry_run(pid: int, request: dict[str, Any], tree: bool, defer: bool, as_json: bool) -> None:
-    pids = [m.pid for m in fleet.tree_members(pid)] if tree else [pid]
-    if tree:
+    pids = [pid]
+    if tree:  # a dry run refuses what the apply would
+        members = fleet.tree_members(pid)
+        fleet.refuse_unmanaged(pid, members)
+        pids = [m.pid for m in members]
         request = fleet.with_main(request, pid, _silence(pid))
     results = []
     for target in pids:
@@ -531,6 +534,7 @@ def _apply_tree(
     pid: int, request: dict[str, Any], timeout: float, defer: bool | None, as_json: bool
 ) -> None:
     members = fleet.tree_members(pid)
+    fleet.refuse_unmanaged(pid, members)
 
     def view() -> Table:
         table = Table(box=None, pad_edge=False, title=f"tree of pid {pid}")

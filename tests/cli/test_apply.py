@@ -319,3 +319,16 @@ def test_sockets_on_fds_over_1023_are_served_and_checked(lp, target) -> None:
     finally:
         for fd in held:
             os.close(fd)
+
+
+def test_a_tree_with_a_python_process_without_agent_is_refused_naming_it(lp, target) -> None:
+    child = int(target.ask("child"))
+    fix = write_patch(lp.tmp, "fix", GREET_FIX)
+    for extra in (["--dry-run"], []):
+        done = cli(lp, "apply", str(fix), "--pid", str(target.pid), "--tree", *extra)
+        assert done.returncode == 1, done.stdout + done.stderr
+        named = f"pid {child} in the tree of pid {target.pid} runs Python without a livepatch agent"
+        assert named in done.stderr and "livepatch attach PID" in done.stderr, done.stderr
+    assert target.ask("greet x") == "hello x"  # nothing changed
+    code, status = cli_json(lp, "status", "--pid", str(target.pid))
+    assert status["patches"] == [] and status["pending"] == [], status

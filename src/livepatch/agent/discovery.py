@@ -144,5 +144,21 @@ def children(pid: int) -> list[int]:
     return order
 
 
+#: an interpreter binary (python, python3, python3.12, python3.13t), or a libpython
+_PYTHON_BINARY = re.compile(r"(^|/)python\d*(\.\d+)?t?$")
+
+
+def runs_python(pid: int) -> bool:
+    """Whether `pid` runs CPython: its executable is a ``python`` binary, or it has a
+    libpython mapped (an embedding program, a uwsgi). False if /proc will not say."""
+    try:
+        if _PYTHON_BINARY.search(os.readlink(f"/proc/{pid}/exe")):
+            return True
+        with open(f"/proc/{pid}/maps") as maps:
+            return any("/libpython" in line for line in maps)
+    except OSError:
+        return False
+
+
 def _alive(pid: int) -> bool:
     return process_info(pid) is not None

@@ -38,6 +38,12 @@ class TreeFailed(PatchError):
     code = "tree-failed"
 
 
+class Unmanaged(PatchError):
+    """A Python process of the tree has no agent: the tree cannot be patched whole."""
+
+    code = "tree-unmanaged"
+
+
 class RollbackFailed(PatchError):
     """The patch failed somewhere and could not be reverted everywhere else."""
 
@@ -97,6 +103,24 @@ def tree_members(master: int) -> list[Member]:
         if info is not None:
             members.append(Member(pid=pid, command=info.command_line, master=pid == master))
     return members
+
+
+def refuse_unmanaged(master: int, members: list[Member]) -> None:
+    """Refuse a tree whose Python descendants do not all run an agent: they could run the
+    patched code and stay unpatched while the command said the tree was done (a master
+    given an agent by ``livepatch attach`` after it forked its workers)."""
+    have = {m.pid for m in members}
+    missing = [pid for pid in discovery.children(master)
+               if pid not in have and discovery.runs_python(pid)]
+    if not missing:
+        return
+    pids = ", ".join(str(pid) for pid in missing)
+    raise Unmanaged(
+        f"pid {pids} in the tree of pid {master} run{'s' if len(missing) == 1 else ''} "
+        "Python without a livepatch agent, so the patch cannot reach "
+        f"{'it' if len(missing) == 1 else 'them'}; start one with 'livepatch attach PID' in "
+        "each (or start the program with 'livepatch run'), then apply again"
+    )
 
 
 def with_main(
