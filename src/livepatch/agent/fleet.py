@@ -23,6 +23,7 @@ helper, another script) has nothing to patch: it is *skipped*, with the reason.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,10 @@ from typing import Any
 from livepatch.agent import discovery
 from livepatch.agent.client import AgentClient
 from livepatch.errors import PatchError
+
+#: seconds a Python descendant without an agent is given to start one (a worker being
+#: forked or spawned as the command looks) before the tree is refused
+AGENT_START = 2.0
 
 
 class TreeFailed(PatchError):
@@ -108,10 +113,23 @@ def tree_members(master: int) -> list[Member]:
 def refuse_unmanaged(master: int, members: list[Member]) -> None:
     """Refuse a tree whose Python descendants do not all run an agent: they could run the
     patched code and stay unpatched while the command said the tree was done (a master
-    given an agent by ``livepatch attach`` after it forked its workers)."""
+    given an agent by ``livepatch attach`` after it forked its workers).
+
+    A worker being forked or spawned as the command looks gets its agent within a moment:
+    it is given :data:`AGENT_START` seconds, and joins `members` if its agent comes."""
     have = {m.pid for m in members}
     missing = [pid for pid in discovery.children(master)
                if pid not in have and discovery.runs_python(pid)]
+    deadline = time.monotonic() + AGENT_START
+    while missing and time.monotonic() < deadline:
+        time.sleep(0.05)
+        sockets = discovery.agent_sockets()
+        for pid in [pid for pid in missing if pid in sockets]:
+            missing.remove(pid)
+            info = discovery.process_info(pid)
+            if info is not None:
+                members.append(Member(pid=pid, command=info.command_line))
+        missing = [pid for pid in missing if discovery.process_info(pid) is not None]
     if not missing:
         return
     pids = ", ".join(str(pid) for pid in missing)
