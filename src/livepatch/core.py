@@ -1157,6 +1157,14 @@ class _RevertHooks:
 # -- callbacks and refusals -----------------------------------------------------------
 
 
+#: what to do after a veto. A pre_unpatch that always raises would pin its patch for
+#: good (force is about transitions, not callbacks): say where the way out is
+_AFTER_VETO = {
+    "pre_unpatch": "; nothing was changed. If it vetoes for no good reason, a patch with "
+    "cumulative=True supersedes this one without running its unpatch callbacks",
+}
+
+
 def _run_callbacks(patch: Patch, kind: str, *, veto: bool) -> list[str]:
     errors: list[str] = []
     callbacks: list[Callable[[], Any]] = getattr(patch.callbacks, kind)
@@ -1168,6 +1176,7 @@ def _run_callbacks(patch: Patch, kind: str, *, veto: bool) -> list[str]:
             if veto:
                 raise CallbackFailed(
                     f"{patch.name}: {kind} callback {what} vetoed: {type(exc).__name__}: {exc}"
+                    + _AFTER_VETO.get(kind, "")
                 ) from exc
             message = f"{kind} callback {what} failed: {type(exc).__name__}: {exc}"
             log.error("livepatch: %s: %s", patch.name, message)

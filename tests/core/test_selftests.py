@@ -202,6 +202,26 @@ def test_pre_unpatch_veto_keeps_the_patch(env: Env, m: types.ModuleType) -> None
     assert m.f() == "f0" and seen == ["post_unpatch"]
 
 
+def test_a_pre_unpatch_that_always_vetoes_says_the_way_out_which_works(
+    env: Env, m: types.ModuleType
+) -> None:
+    patch = mk(env, m, "pinned", {"f": "f1"})
+
+    @patch.pre_unpatch
+    def broken() -> None:
+        raise RuntimeError("bug in the callback")
+
+    livepatch.apply(patch, model=IMM)
+    for force in (False, True):  # force is about transitions: it does not skip a veto
+        with pytest.raises(livepatch.CallbackFailed, match="cumulative=True supersedes"):
+            livepatch.revert("pinned", model=IMM, force=force)
+    assert m.f() == "f1" and names() == ["pinned"]
+    livepatch.apply(mk(env, m, "way-out", {"f": "f0"}, cumulative=True), model=IMM)
+    assert m.f() == "f0" and names() == ["way-out"]
+    livepatch.revert("way-out", model=IMM)
+    assert m.f() == "f0" and names() == []
+
+
 def test_failing_post_patch_is_reported_not_fatal(env: Env, m: types.ModuleType) -> None:
     patch = mk(env, m, "post-fails", {"f": "f1"})
 
