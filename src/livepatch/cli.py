@@ -297,8 +297,11 @@ def _transition_view(
         table.add_column("blocked task", style="yellow", no_wrap=True)
         table.add_column("old frames")
         for blocker in blockers[:blockers_shown]:
-            frames = blocker.get("frames") or []
-            table.add_row(str(blocker.get("task")), "\n".join(frames[:frames_shown]) or "-")
+            frames = list(blocker.get("frames") or [])[:frames_shown]
+            if blocker.get("outermost"):  # waiting will not help: say so while it waits
+                frames.append(f"({blocker['outermost']} is where this task's work starts: "
+                              "it returns only when the task ends)")
+            table.add_row(str(blocker.get("task")), "\n".join(frames) or "-")
         if blockers_shown is not None and len(blockers) > blockers_shown:
             table.add_row(f"... {len(blockers) - blockers_shown} more", "(--json lists all)")
         parts.append(table)

@@ -330,17 +330,25 @@ def trampoline_for(
     )
 
 
+def _outermost(frames: list[FrameType], bad: list[FrameType], thread: bool) -> str | None:
+    root = bad[-1] if thread else bad[0]  # a thread's frames run innermost first
+    return root.f_code.co_qualname if tasks.outermost(frames, root, thread) else None
+
+
 class Record:
     """One task known to the transition, and the universe it is in (a plain class with
     slots: a transition makes one per task, a thousand at a time)."""
 
-    __slots__ = ("blocking", "info", "side")
+    __slots__ = ("blocking", "info", "outermost", "side")
 
     def __init__(self, info: tasks.TaskInfo, side: int) -> None:
         self.info = info
         self.side = side
         #: frames that kept it from switching the last time it was checked
         self.blocking: Sequence[str] = ()
+        #: the function of those that is where the task's work starts (it returns only
+        #: when the task ends: no safe point comes), if one is (see tasks.outermost)
+        self.outermost: str | None = None
 
 
 #: no defaults and no kwdefaults (one shared pair rather than one per function)
@@ -810,6 +818,7 @@ class Universe:
                     bad = [f for f in frames if sides.get(id(f.f_code)) == other]
                     if bad:
                         rec.blocking = [tasks.describe(f) for f in bad]
+                        rec.outermost = _outermost(frames, bad, rec.info.is_thread)
                         foreign = foreign or (
                             rec.info.is_thread
                             and _under_a_loop(frames, bad, key in loop_threads)

@@ -19,6 +19,7 @@ Frames are described as ``file:line in function`` (:func:`describe`) for reports
 from __future__ import annotations
 
 import asyncio
+import runpy
 import sys
 import threading
 import types
@@ -257,6 +258,25 @@ def suspended_with(codes: Iterable[CodeType]) -> list[Any]:
             if frame is not None and frame.f_code in wanted:
                 found.append(obj)
     return found
+
+
+#: files whose frames start a thread or a program rather than do its work
+_STARTERS = frozenset(f for f in (threading.__file__, getattr(runpy, "__file__", None)) if f)
+
+
+def outermost(frames: list[FrameType], frame: FrameType, thread: bool) -> bool:
+    """Whether `frame` is where its task's own work starts, so that it returns only when
+    the task ends: a thread's target (nothing but threading's bootstrap, a module's
+    top level or runpy outside it), or an asyncio Task's coroutine. `frames` as
+    :func:`frames_of` gives them (a thread's innermost first, a Task's chain first)."""
+    if not thread:
+        return bool(frames) and frames[0] is frame
+    try:
+        outside = frames[frames.index(frame) + 1:]
+    except ValueError:
+        return False
+    return all(f.f_code.co_filename in _STARTERS or f.f_code.co_name == "<module>"
+               for f in outside)
 
 
 def describe(frame: FrameType) -> str:

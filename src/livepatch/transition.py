@@ -137,9 +137,15 @@ class Blocker:
 
     task: str
     frames: list[str] = field(default_factory=list)
+    #: the patched function where the task's own work starts, if the task is held there:
+    #: it returns only when the task ends (see tasks.outermost)
+    outermost: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"task": self.task, "frames": list(self.frames)}
+        out: dict[str, Any] = {"task": self.task, "frames": list(self.frames)}
+        if self.outermost:
+            out["outermost"] = self.outermost
+        return out
 
     def __str__(self) -> str:
         where = "; ".join(self.frames) if self.frames else "no frame seen"
@@ -569,9 +575,12 @@ def _thread_holders(codes: list[CodeType], me: int | None) -> list[Blocker]:
     for ident, top in sys._current_frames().items():
         if ident == me:
             continue
-        frames = [tasks.describe(f) for f in tasks.walk(top) if id(f.f_code) in wanted]
-        if frames:
-            blockers.append(Blocker(f"thread {names.get(ident, '?')} ({ident})", frames))
+        stack = list(tasks.walk(top))
+        held = [f for f in stack if id(f.f_code) in wanted]
+        if held:
+            root = held[-1].f_code.co_qualname if tasks.outermost(stack, held[-1], True) else None
+            blockers.append(Blocker(f"thread {names.get(ident, '?')} ({ident})",
+                                    [tasks.describe(f) for f in held], root))
     return blockers
 
 
@@ -680,6 +689,15 @@ def _timeout_message(t: Transition, what: str) -> str:
     if enclosing:  # no safe point helps there: only the frame's return does
         advice = (f"let {', '.join(enclosing)} return first (a running enclosing function "
                   f"makes closures of the code it started with); or {advice}")
+    roots = sorted({b.outermost for b in t.blockers if b.outermost})
+    if roots:  # nor here: neither waiting nor a safe point helps
+        names = ", ".join(roots)
+        held = (f"{names} {'is' if len(roots) == 1 else 'are'} where a task's work starts "
+                "(its loop) and returns only when the task ends: patch the functions it "
+                f"calls instead, or force=True (the task then runs the old {names} until it "
+                "returns)")
+        others = any(not b.outermost for b in t.blockers)
+        advice = f"{held}; for the others: {advice}" if others else held
     return (
         f"{t.patch}: {what} after {t.timeout:g}s, {len(t.blockers)} blocker(s): "
         f"{shown}{more}; nothing changed — {advice}"
@@ -707,7 +725,7 @@ def _update(t: Transition) -> None:
     u = t._universe
     assert u is not None
     pending = u.behind()
-    blockers = [Blocker(r.info.name, list(r.blocking)) for r in pending]
+    blockers = [Blocker(r.info.name, list(r.blocking), r.outermost) for r in pending]
     lingering = u.lingering()
     if lingering:
         owners = tasks.owner_of(lingering, [r.info for r in list(u.records.values())])

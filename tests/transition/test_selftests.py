@@ -398,3 +398,52 @@ def test_transition_reports_and_logs(tmp_module, caplog):
     text = caplog.text
     assert "livepatch: report: patch transition started (hybrid): switched" in text
     assert "livepatch: report: patch transition completed (hybrid" in text
+
+
+@pytest.mark.parametrize("model", ["hybrid", "stop"])
+def test_a_timeout_on_a_tasks_outermost_function_says_no_wait_will_help(tmp_module, model):
+    m = tmp_module(TARGET)
+    patch = patch_for(m, "outermost", PATCH)
+    # `busy` is where one thread's work starts; the other calls it from a function of its own
+    direct = threading.Thread(target=m.busy, name="lptest-direct")
+    wrapped = threading.Thread(target=lambda: m.busy(), name="lptest-wrapped")
+    try:
+        for thread in (direct, wrapped):
+            m.ENTERED.clear()
+            thread.start()
+            assert m.ENTERED.wait(5)
+        with pytest.raises(TransitionTimeout) as info:
+            livepatch.apply(patch, model=model, timeout=0.3)
+    finally:
+        m.GO.set()
+        direct.join(10)
+        wrapped.join(10)
+    by_task = {b["task"].split()[1]: b for b in info.value.details["blockers"]}
+    assert by_task["lptest-direct"].get("outermost") == "busy", by_task
+    assert "outermost" not in by_task["lptest-wrapped"], by_task
+    message = str(info.value)
+    assert "busy is where a task's work starts" in message, message
+    assert "patch the functions it calls instead" in message and "for the others" in message
+
+
+def test_an_asyncio_tasks_own_coroutine_is_named_as_its_outermost(tmp_module):
+    m = tmp_module(TARGET)
+    patch = patch_for(m, "outermost-task", PATCH)
+    flag = threading.Event()
+    caught: list[TransitionTimeout] = []
+
+    async def main() -> None:
+        task = asyncio.ensure_future(m.coro_wait(flag))
+        await asyncio.sleep(0.01)
+        try:
+            await asyncio.to_thread(livepatch.apply, patch, model="hybrid", timeout=0.3)
+        except TransitionTimeout as exc:
+            caught.append(exc)
+        flag.set()
+        await task
+
+    asyncio.run(main())
+    assert caught, "the apply should have timed out on the task"
+    blockers = caught[0].details["blockers"]
+    assert [b.get("outermost") for b in blockers] == ["coro_wait"], blockers
+    assert "for the others" not in str(caught[0])
