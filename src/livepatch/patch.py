@@ -250,8 +250,12 @@ def loads(text: str, filename: str = "<patch>") -> Patch:
     except (SyntaxError, ValueError) as exc:  # ValueError: a null byte, since 3.12
         where = f":{exc.lineno}" if isinstance(exc, SyntaxError) and exc.lineno else ""
         message = exc.msg if isinstance(exc, SyntaxError) else str(exc)
+        # the same file may load in a newer Python (PEP 695 generics, 3.12's f-strings):
+        # say which one judged it
+        python = ".".join(map(str, sys.version_info[:3]))
         raise PatchFileError(
-            f"{filename}{where}: syntax error in patch file: {message}"
+            f"{filename}{where}: syntax error in patch file: {message} (read by Python "
+            f"{python}; a patch must be written in the syntax of the Python it patches)"
         ) from None
     namespace = types.ModuleType(f"livepatch_patchfile_{sha[:12]}")
     namespace.__file__ = filename

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import re
 import sys
 import types
 from pathlib import Path
@@ -76,6 +77,18 @@ def test_errors_are_reported_as_one_compile_reports_them(text: str, where: str) 
         got.value
     )
     assert where in str(got.value)
+
+
+def test_a_syntax_error_names_the_python_that_read_the_patch() -> None:
+    # a patch written for a newer Python (generics are 3.12 syntax) fails to load in an
+    # older target: the error says which Python judged it
+    text = HEADER + "\ndef first[T](items: list[T]) -> T:\n    return items[0]\n"
+    if sys.version_info >= (3, 12):
+        text += "x = (\n"  # a syntax error in every version
+    version = ".".join(map(str, sys.version_info[:3]))
+    with pytest.raises(PatchFileError, match=f"read by Python {re.escape(version)}; a patch "
+                       "must be written in the syntax of the Python it patches"):
+        livepatch.loads(text, filename="<newer-syntax>")
 
 
 def test_nothing_runs_when_a_later_statement_does_not_compile() -> None:
