@@ -492,7 +492,8 @@ def _dry_run(pid: int, request: dict[str, Any], tree: bool, defer: bool, as_json
         members = fleet.tree_members(pid)
         fleet.refuse_unmanaged(pid, members)
         pids = [m.pid for m in members]
-        request = fleet.with_main(request, pid, _silence(pid))
+        if any(m.master for m in members):
+            request = fleet.with_main(request, pid, _silence(pid))
     results = []
     for target in pids:
         with AgentClient(target) as client:

@@ -115,6 +115,12 @@ def find_socket(pid: int) -> Path:
         other = paths.socket_path(pid, paths.socket_dir(uid=info.uid, environ={}))
         if other.exists():
             return other
+    if runs_python(pid) is False:
+        raise NoAgent(
+            f"process {pid} ({info.command_line[:60]}) does not run Python; give the pid of "
+            "a Python process ('livepatch ps' lists those with an agent), or --tree to "
+            "patch the Python processes it started"
+        )
     raise NoAgent(
         f"process {pid} ({info.command_line[:60]}) has no livepatch agent; start it with "
         f"'livepatch run -- CMD' or LIVEPATCH_AGENT=1, or try 'livepatch attach {pid}'"
@@ -148,16 +154,17 @@ def children(pid: int) -> list[int]:
 _PYTHON_BINARY = re.compile(r"(^|/)python\d*(\.\d+)?t?$")
 
 
-def runs_python(pid: int) -> bool:
+def runs_python(pid: int) -> bool | None:
     """Whether `pid` runs CPython: its executable is a ``python`` binary, or it has a
-    libpython mapped (an embedding program, a uwsgi). False if /proc will not say."""
+    libpython mapped (an embedding program, a uwsgi). None if /proc will not say (another
+    user's process)."""
     try:
         if _PYTHON_BINARY.search(os.readlink(f"/proc/{pid}/exe")):
             return True
         with open(f"/proc/{pid}/maps") as maps:
             return any("/libpython" in line for line in maps)
     except OSError:
-        return False
+        return None
 
 
 def _alive(pid: int) -> bool:

@@ -98,10 +98,27 @@ class Member:
 
 
 def tree_members(master: int) -> list[Member]:
-    """The master and its descendants that have an agent (the master must have one)."""
-    discovery.find_socket(master)  # raises with what to do if the master has no agent
+    """The master and its descendants that have an agent.
+
+    The master must have one — unless it does not run Python at all (a shell script or
+    an init such as tini starting the Python processes, as in many containers): then the
+    tree is its Python descendants, and there must be at least one."""
     sockets = discovery.agent_sockets()
-    pids = [master] + [pid for pid in discovery.children(master) if pid in sockets]
+    try:
+        discovery.find_socket(master)
+        pids = [master]
+    except discovery.NoAgent:
+        if discovery.runs_python(master) is not False:
+            raise  # with what to do: a Python master without an agent
+        pids = []
+    pids += [pid for pid in discovery.children(master) if pid in sockets]
+    if not pids:
+        info = discovery.process_info(master)
+        raise discovery.NoAgent(
+            f"process {master} ({info.command_line[:60] if info else '?'}) does not run "
+            "Python, and no process under it has a livepatch agent; start them with "
+            "'livepatch run -- CMD' (it reaches the Python processes a script starts)"
+        )
     members = []
     for pid in pids:
         info = discovery.process_info(pid)
@@ -178,11 +195,12 @@ def apply_tree(
     `defer`: True, keep the patch pending where its modules are not imported; None, the
     same, but refuse if no process has imported them; False, refuse wherever one is not.
     """
-    master = next(m for m in members if m.master)
-    try:
-        request = with_main(request, master.pid, _silence(master, on_update))
-    finally:
-        master.note = None
+    master = next((m for m in members if m.master), None)
+    if master is not None:  # (no master: it does not run Python, so has no __main__ to patch)
+        try:
+            request = with_main(request, master.pid, _silence(master, on_update))
+        finally:
+            master.note = None
     plan_tree(members, request, on_update)
     refused = [m for m in members if m.state == "failed"]
     if refused:

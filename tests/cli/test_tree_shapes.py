@@ -1,10 +1,14 @@
-"""`apply --tree` on a multiprocessing program with a spawned pool (real processes).
+"""`apply --tree` on trees of other shapes than gunicorn's (real processes).
 
-Its functions are in its script, so the patch names ``__main__``; the spawned workers run
-the same script as their ``__main__``, while multiprocessing's resource tracker runs
-``python -c``: the tree skips the tracker (it runs another program) and patches the rest.
-Naming the script's module instead (``pool_app:label``) would wait for an import that
-never comes: the tree refuses that, saying what to name.
+A multiprocessing program with a spawned pool: its functions are in its script, so the
+patch names ``__main__``; the spawned workers run the same script as their ``__main__``,
+while multiprocessing's resource tracker runs ``python -c``: the tree skips the tracker (it
+runs another program) and patches the rest. Naming the script's module instead
+(``pool_app:label``) would wait for an import that never comes: the tree refuses that,
+saying what to name.
+
+A shell script that starts Python processes (a container's entrypoint): the shell has
+nothing to patch, the tree is the Python processes under it.
 """
 
 from __future__ import annotations
@@ -101,3 +105,48 @@ def test_naming_the_script_as_a_module_is_refused_with_what_to_name(lp) -> None:
         assert pool.labels() == {"old"}
     finally:
         stop_session(pool.proc)
+
+
+SCRIPT = """import time, shmod
+while True:
+    time.sleep(0.05)
+"""
+
+SH_FIX = """import livepatch
+patch = livepatch.Patch("fix-sh")
+
+@patch.function("shmod:label")
+def label():
+    return "new"
+"""
+
+
+def test_a_shell_starting_python_processes_is_patched_through_them(lp) -> None:
+    (lp.tmp / "shmod.py").write_text("def label():\n    return 'old'\n")
+    (lp.tmp / "work.py").write_text(SCRIPT)
+    python = f"{sys.executable} work.py"
+    shell = subprocess.Popen(
+        [str(LIVEPATCH), "run", "--", "sh", "-c", f"{python} & {python} & wait"],
+        cwd=lp.tmp, env={**lp.env, "PYTHONPATH": str(lp.tmp)}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        def pythons() -> list[int]:
+            return [p for p in discovery.children(shell.pid) if lp.socket_of(p).exists()]
+
+        wait_for(lambda: len(pythons()) == 2, timeout=30, what="2 Python processes")
+        fix = write_patch(lp.tmp, "fix", SH_FIX)
+        done = cli(lp, "apply", str(fix), "--pid", str(shell.pid))
+        assert done.returncode == 3 and "does not run Python" in done.stderr, done.stderr
+
+        code, result = cli_json(lp, "apply", str(fix), "--pid", str(shell.pid), "--tree")
+        assert code == 0, result
+        assert sorted(p["pid"] for p in result["processes"]) == sorted(pythons()), result
+        assert {p["state"] for p in result["processes"]} == {"applied"}, result
+        for pid in pythons():
+            code, status = cli_json(lp, "status", "--pid", str(pid))
+            assert [p["name"] for p in status["patches"]] == ["fix-sh"], status
+        done = cli(lp, "revert", "fix-sh", "--pid", str(shell.pid), "--tree")
+        assert done.returncode == 0, done.stderr
+    finally:
+        stop_session(shell)
