@@ -32,6 +32,7 @@ from livepatch.agent.persist import (
     PatchRecord,
     Pending,
     ProgramRecords,
+    target_keys,
     target_modules,
 )
 from livepatch.agent.signing import TrustedKeys
@@ -381,7 +382,7 @@ def _main_script_hints(patch: Any, missing: list[str]) -> list[str]:
     ``locate.main_script_hint``), what to name instead."""
     from livepatch.locate import main_script_hint
 
-    keys = [spec.target for spec in patch.functions] + [spec.target for spec in patch.news]
+    keys = target_keys(patch)
     hints = []
     for module in missing:
         key = next(k for k in keys if k.partition(":")[0] == module)

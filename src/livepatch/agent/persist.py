@@ -150,10 +150,14 @@ class ProgramRecords:
             os.close(fd)
 
 
+def target_keys(patch: Any) -> list[str]:
+    """Every target a patch names: the functions it replaces and the helpers it adds."""
+    return [spec.target for spec in patch.functions] + [spec.target for spec in patch.news]
+
+
 def target_modules(patch: Any) -> list[str]:
     """The modules a patch changes (every `module:` prefix of its targets)."""
-    keys = [spec.target for spec in patch.functions] + [spec.target for spec in patch.news]
-    return sorted({key.partition(":")[0] for key in keys if ":" in key})
+    return sorted({key.partition(":")[0] for key in target_keys(patch) if ":" in key})
 
 
 @dataclass
