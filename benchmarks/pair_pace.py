@@ -23,6 +23,9 @@ Variants (``livepatch.pace`` settings, changed between cycles):
   every-500us    the same, every 0.5 ms (what it was until commit 5b01c79)
   interval-100us ``paced()`` lowers the switch interval to 0.1 ms, not 0.2 ms
   unpaced        ``paced()`` leaves the switch interval at CPython's 5 ms: only the naps
+  plan-100us     planning hands over every 0.1 ms of CPU time at least, not 0.25 ms
+                 (``core.PLAN_EVERY``); -fixed: and its period does not grow with the waits
+  all-100us      planning and everything else every 0.1 ms
 
 ``--expect`` runs it on the patch as ``livepatch build`` writes it (every function gives
 its old source as ``expect=``).
@@ -46,6 +49,7 @@ from typing import Any
 from livepatch import core, dispatch, pace
 
 _shipped = {name: getattr(pace, name) for name in ("SLEEP", "INTERVAL", "EVERY")}
+_shipped_plan_every = core.PLAN_EVERY
 _hand_over = pace.hand_over
 _quiet = threading.local()  # inside planning or prepare, when the variant says no naps
 
@@ -81,6 +85,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the period does not grow with the waits (a Yielder's `share` of 0)
     "fixed-200us": {"share": 0.0},
     "fixed-100us": {"EVERY": 0.0001, "share": 0.0},
+    # planning hands over every 0.1 ms of CPU time at least (core.PLAN_EVERY), not 0.25 ms
+    "plan-100us": {"plan_every": 0.0001},
+    "plan-100us-fixed": {"plan_every": 0.0001, "share": 0.0},
+    "all-100us": {"plan_every": 0.0001, "EVERY": 0.0001},
 }
 _settings: dict[str, Any] = {}
 
@@ -95,12 +103,14 @@ def variant(name: str) -> Iterator[None]:
     # a Yielder's period floor and share are its constructor's defaults, bound at
     # definition
     pace.Yielder.__init__.__defaults__ = (pace.EVERY, _settings.get("share", 1.0))
+    core.PLAN_EVERY = _settings.get("plan_every", _shipped_plan_every)
     try:
         yield
     finally:
         for key, value in _shipped.items():
             setattr(pace, key, value)
         pace.Yielder.__init__.__defaults__ = (_shipped["EVERY"], 1.0)
+        core.PLAN_EVERY = _shipped_plan_every
         _settings.clear()
 
 

@@ -54,6 +54,11 @@ log = logging.getLogger("livepatch.core")
 #: that started it takes it again.
 LOCK = threading.RLock()  # a fork's child gets it back free: transition._after_fork_in_child
 
+#: planning's hand-over period at least (CPU seconds, see pace.Yielder): a function's
+#: plan is 0.1 to 0.3 ms of work, so a longer floor than install's lets fewer naps
+#: slow it down
+PLAN_EVERY = 0.00025
+
 # co_flags bits that make a function a generator, coroutine or async generator
 _KIND_FLAGS = 0x20 | 0x80 | 0x200
 _KIND_NAMES = {0: "function", 0x20: "generator", 0x80: "coroutine", 0x200: "async generator"}
@@ -257,7 +262,7 @@ def _plan(patch: Patch) -> Plan:
         raise AlreadyApplied(f"{patch.name} is applied already; revert it first or rename")
     result = Plan(patch, [], [])
     seen: dict[Any, str] = {}
-    handing_over = pace.Yielder(0.00025)
+    handing_over = pace.Yielder(PLAN_EVERY)
     for spec in patch.functions:
         handing_over()
         prepared, change = _prepare(patch, spec)
