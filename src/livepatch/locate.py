@@ -87,7 +87,8 @@ def main_script_hint(name: str, key: str) -> str | None:
         return None
     qualname = key.partition(":")[2] or "..."
     return (f"{os.path.basename(path)} runs as this process's main script, so its functions "
-            f"are in __main__: name the target __main__:{qualname}")
+            f"are in __main__: name the target __main__:{qualname} (livepatch build "
+            "--module __main__ builds it so)")
 
 
 def resolve(key: str) -> Target:

@@ -33,6 +33,7 @@ from livepatch.build.compare import (
     signature_problem,
     skeleton,
 )
+from livepatch.build.instance_state import missing_state
 from livepatch.build.model import (
     ClassUnit,
     DataUnit,
@@ -265,6 +266,7 @@ class ModuleAnalysis:
         self.bindings()
         self.functions()
         self.classes()
+        self.instance_state()
         self.module_level()
         self.data()
         self.dependencies()
@@ -457,6 +459,22 @@ class ModuleAnalysis:
                 "", *new.classes
             ):
                 self.note(unit.line, qualname, NoteKind.REMOVED, old=True)
+
+    def instance_state(self) -> None:
+        """Refuse replaced or added methods that read an attribute only the new version
+        gives instances: the live ones lack it (see `instance_state`)."""
+        changed = {*self.whole, *self.helpers}
+        changed |= {target.partition(".<locals>")[0] for target in self.nested}
+        for unit in self.new.classes.values():
+            if _is_enum(unit.node) or _has_fields(unit.node):
+                continue  # members and fields are compared as such
+            for miss in missing_state(self.old, self.new, unit, changed):
+                self.refuse(
+                    miss.line, miss.method.target, Reason.INSTANCE_STATE,
+                    f"reads self.{miss.attribute}, which only the new {miss.assigned_in} "
+                    f"sets: instances made before the patch have no {miss.attribute}",
+                    Hint.INSTANCE_DEFAULT,
+                )
 
     def compare_class(self, old: ClassUnit, new: ClassUnit) -> None:
         what, line = new.qualname, new.line

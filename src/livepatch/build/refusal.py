@@ -31,6 +31,7 @@ class Reason(enum.Enum):
     METACLASS = "metaclass changed"
     SLOTS = "__slots__ changed"
     FIELDS = "dataclass fields changed"
+    INSTANCE_STATE = "new instance attribute"
     ENUM = "enum members changed"
     SIDE_EFFECT = "module-level statement changed"
     MUTABLE_DATA = "mutable data changed"
@@ -47,6 +48,10 @@ class Hint(enum.Enum):
     """The tool that fits a refused change; the value is the advice printed."""
 
     SHADOW = "keep new per-object state in shadow variables (livepatch.shadow)"
+    INSTANCE_DEFAULT = (
+        "give the class a default for it (a class attribute), read it with "
+        "getattr(self, name, default), or keep it in a shadow variable (livepatch.shadow)"
+    )
     CALLBACK = "migrate it in a reviewed post_patch callback"
     ALLOW_DATA = "rebuild with --allow-data to emit a reviewable post_patch callback"
     ALLOW_SIGNATURE = "rebuild with --allow-signature-change to accept it with a warning"
