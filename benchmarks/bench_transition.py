@@ -79,7 +79,7 @@ import tempfile
 import threading
 import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -259,10 +259,11 @@ class Ticker:
             livepatch.safepoint()  # a loop boundary (two_universe needs one)
 
     def within(self, start: float = -math.inf, end: float = math.inf) -> list[float]:
-        """The gaps that overlap [start, end]."""
+        """The gaps that overlap [start, end], each cut to its part inside: a pause that
+        began before the window began is not the window's doing (between two windows the
+        benchmark itself holds the GIL, reading these arrays)."""
         n = min(len(self.ends), len(self.lengths))  # it may be mid-tick
-        ticks = zip(self.ends[:n], self.lengths[:n], strict=True)
-        return [g for t, g in ticks if t >= start and t - g <= end]
+        return clipped(zip(self.ends[:n], self.lengths[:n], strict=True), start, end)
 
     def __enter__(self) -> Ticker:
         self.thread.start()
@@ -311,7 +312,12 @@ class OutsideTicker:
         self.gaps = [(t, g) for t, g in json.loads(out)]
 
     def within(self, start: float, end: float) -> list[float]:
-        return [g for t, g in self.gaps if t >= start and t - g <= end]
+        return clipped(self.gaps, start, end)
+
+
+def clipped(gaps: Iterable[tuple[float, float]], start: float, end: float) -> list[float]:
+    """Of gaps given as (end, length), the parts inside [start, end]."""
+    return [min(t, end) - max(t - g, start) for t, g in gaps if t >= start and t - g <= end]
 
 
 class Spread:

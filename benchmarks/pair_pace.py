@@ -16,7 +16,7 @@ Variants (``livepatch.pace`` settings, changed between cycles):
   plan-no-naps   planning and the building of trampolines hand over only by CPython's
                  forced switches (``paced()``'s 0.2 ms switch interval), with no naps
   plan-no-naps-100  the same with a 0.1 ms switch interval
-  nap-300us      hand-overs sleep 300 µs instead of 50 µs
+  nap-150us, nap-300us  hand-overs sleep 150 or 300 µs instead of 50 µs
   every-100us    a hand-over every 0.1 ms of CPU time at least, not 0.2 ms (planning
                  keeps its own 0.25 ms)
   every-300us    the same, every 0.3 ms
@@ -76,6 +76,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "current": {},
     "plan-no-naps": {"plan_naps": False},
     "plan-no-naps-100": {"plan_naps": False, "INTERVAL": 0.0001},
+    "nap-150us": {"SLEEP": 150e-6},
     "nap-300us": {"SLEEP": 300e-6},
     "every-100us": {"EVERY": 0.0001},
     "every-300us": {"EVERY": 0.0003},
