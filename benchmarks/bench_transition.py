@@ -19,8 +19,9 @@
    the same 100 functions written as ``livepatch build`` writes a patch (each giving its
    old source as ``expect=``, so planning compiles and compares each: about four times
    the CPU time of planning without), with a paced busy loop of their CPU time. Per kind
-   of window: median and max over the windows of the ticker's longest gap, how many gaps over 1 ms
-   they held, and the longest gap of the same ticker run in another process over the
+   of window: median and max over the windows of the ticker's longest gap (the part of
+   it inside the window) and in how many windows it was over 1 ms, how many gaps over
+   1 ms they held, and the longest gap of the same ticker run in another process over the
    same spans: a thread that shares no GIL with us, so the machine's own floor (on a
    VM, a virtual CPU that went idle can take a millisecond to wake up). Target: under
    1 ms for hybrid (the patching thread hands the GIL over, ``livepatch.pace``); ``stop``
@@ -353,8 +354,10 @@ class Spread:
         def ms(xs: list[float]) -> str:
             return f"{statistics.median(xs) * 1e3:5.2f} / {max(xs) * 1e3:6.2f} ms"
 
-        line = (f"{model:<13} {self.label:<26} longest gap {ms(self.longest)}; "
-                f"over 1 ms: {self.over:3d} in {self.seconds * 1e3:5.0f} ms")
+        windows = sum(g > 0.001 for g in self.longest)
+        line = (f"{model:<13} {self.label:<26} longest gap {ms(self.longest)}, over 1 ms in "
+                f"{windows:2d} of {len(self.longest)} windows; gaps over 1 ms: {self.over:3d} "
+                f"in {self.seconds * 1e3:5.0f} ms")
         if self.outside:
             line += f"; another process {ms(self.outside)}"
         return line
