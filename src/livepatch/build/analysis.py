@@ -98,6 +98,7 @@ class NoteKind(enum.Enum):
     NEW_MODULE = "new module; not added (nothing the patch changes imports it)"
     REMOVED_MODULE = "module removed in the new version; left loaded"
     FREEVARS_DROPPED = "no longer uses a free variable; the engine keeps the cell"
+    INSTANCE_STATE = "REVIEW: may read an attribute live instances lack"
     OLD_CLOSURES = (
         "replaced whole; closures of its nested functions made before the patch keep "
         "their old code (only new calls make new ones)"
@@ -469,10 +470,16 @@ class ModuleAnalysis:
             if _is_enum(unit.node) or _has_fields(unit.node):
                 continue  # members and fields are compared as such
             for miss in missing_state(self.old, self.new, unit, changed):
+                reads = (f"reads self.{miss.attribute}, which only the new "
+                         f"{miss.assigned_in} sets")
+                if miss.bases:  # a base defined elsewhere may give it: say so, not refuse
+                    self.note(miss.line, miss.method.target, NoteKind.INSTANCE_STATE,
+                              f"{reads}; unless {' or '.join(miss.bases)} gives instances "
+                              f"{miss.attribute}, those made before the patch have none")
+                    continue
                 self.refuse(
                     miss.line, miss.method.target, Reason.INSTANCE_STATE,
-                    f"reads self.{miss.attribute}, which only the new {miss.assigned_in} "
-                    f"sets: instances made before the patch have no {miss.attribute}",
+                    f"{reads}: instances made before the patch have no {miss.attribute}",
                     Hint.INSTANCE_DEFAULT,
                 )
 

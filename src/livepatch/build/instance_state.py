@@ -24,6 +24,7 @@ attribute read through another name (``other.warmup``) is not seen.
 from __future__ import annotations
 
 import ast
+import builtins
 from dataclasses import dataclass
 
 from livepatch.build.model import ClassUnit, FunctionUnit, ModuleModel, decorator_name
@@ -37,12 +38,14 @@ _DYNAMIC = frozenset({"__getattr__", "__getattribute__", "__setstate__", "__dict
 
 @dataclass(frozen=True)
 class MissingState:
-    """A replaced or added method reads an attribute instances made before the patch lack."""
+    """A replaced or added method reads an attribute instances made before the patch lack
+    — for certain, or unless one of `bases` (defined elsewhere, so unseen) gives it."""
 
     method: FunctionUnit
     attribute: str
     line: int  # of the read
     assigned_in: str  # the new method that assigns it ("__init__")
+    bases: tuple[str, ...] = ()
 
 
 def missing_state(
@@ -59,6 +62,7 @@ def missing_state(
     # the old class's annotations without a value declare what its instances hold (a
     # dataclass's fields are assigned by code the source does not show)
     declared = {f.target.id for f in old_cls.fields if isinstance(f.target, ast.Name)}
+    unseen = _unseen_bases(old, old_cls)
     known = (_assigned(old_methods) | _class_names(old, old_cls) | _class_names(new, cls)
              | _base_names(old, old_cls) | _base_names(new, cls) | declared)
     fresh: dict[str, FunctionUnit] = {}  # attribute → a new method that assigns it
@@ -80,7 +84,7 @@ def missing_state(
                     and isinstance(node.value, ast.Name) and node.value.id == me
                     and node.attr in fresh and node.attr not in guarded):
                 found.append(MissingState(method, node.attr, node.lineno,
-                                          _name(fresh[node.attr])))
+                                          _name(fresh[node.attr]), unseen))
                 guarded.add(node.attr)  # one report per attribute and method
     return found
 
@@ -140,16 +144,37 @@ def _class_names(model: ModuleModel, cls: ClassUnit) -> set[str]:
 
 
 def _base_names(model: ModuleModel, cls: ClassUnit, seen: frozenset[str] = frozenset()) -> set[str]:
-    """What base classes defined in the same module give instances (recursively)."""
+    """What base classes give instances: those defined in the same module (recursively),
+    and builtin ones (``Exception`` gives ``args``)."""
     names: set[str] = set()
     for base in cls.node.bases:
-        found = model.classes.get(decorator_name(base) or "")
+        name = decorator_name(base) or ""
+        builtin = getattr(builtins, name, None)
+        if isinstance(builtin, type) and name not in model.classes:
+            names |= set(dir(builtin))
+            continue
+        found = model.classes.get(name)
         if found is None or found.qualname in seen:
             continue
         methods = _methods(model, found)
         names |= _assigned(methods) | _class_names(model, found)
         names |= _base_names(model, found, seen | {cls.qualname})
     return names
+
+
+def _unseen_bases(model: ModuleModel, cls: ClassUnit,
+                  seen: frozenset[str] = frozenset()) -> tuple[str, ...]:
+    """Bases of `cls`, or of its bases in the same module, defined elsewhere: what they
+    give instances cannot be read here (``threading.Thread`` gives ``name``)."""
+    unseen: list[str] = []
+    for base in cls.node.bases:
+        name = decorator_name(base) or ast.unparse(base)
+        found = model.classes.get(name)
+        if found is not None and found.qualname not in seen:
+            unseen += _unseen_bases(model, found, seen | {cls.qualname})
+        elif found is None and not isinstance(getattr(builtins, name, None), type):
+            unseen.append(name)
+    return tuple(dict.fromkeys(unseen))
 
 
 def _dynamic(methods: list[FunctionUnit]) -> bool:
